@@ -1,0 +1,160 @@
+"""Data adapters: whatever the user has becomes a list of :class:`Batch`.
+
+Accepted: a ``torch.utils.data.DataLoader`` (or any iterable) yielding tensors, ``(inputs, target)``
+tuples or dicts of tensors (Hugging Face style, ``labels`` taken as the target); a list of such
+items; a numpy array or tensor of inputs; a pair ``(X, y)`` of arrays/tensors (batched here).
+
+Example:
+    >>> import numpy as np
+    >>> from netpress.core.data import as_batches
+    >>> X = np.zeros((10, 4), dtype=np.float32); y = np.arange(10)
+    >>> batches = as_batches((X, y), batch_size=4)
+    >>> [b.size for b in batches], batches[0].target.tolist()
+    ([4, 4, 2], [0, 1, 2, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from netpress.core.errors import DataError
+
+
+@dataclass
+class Batch:
+    """One batch: positional tensor inputs or keyword tensor inputs, and an optional target."""
+
+    inputs: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+    target: torch.Tensor | None = None
+
+    def run(self, model: torch.nn.Module) -> Any:
+        """``model(*inputs)`` or ``model(**inputs)``."""
+        if isinstance(self.inputs, dict):
+            return model(**self.inputs)
+        return model(*self.inputs)
+
+    @property
+    def size(self) -> int:
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs[0]
+        return int(first.shape[0])
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The attention mask of token inputs, when there is one."""
+        return self.inputs.get("attention_mask") if isinstance(self.inputs, dict) else None
+
+    def slice(self, n: int) -> Batch:
+        """The first ``n`` examples."""
+        inputs: Any
+        if isinstance(self.inputs, dict):
+            inputs = {k: v[:n] for k, v in self.inputs.items()}
+        else:
+            inputs = tuple(v[:n] for v in self.inputs)
+        return Batch(inputs, None if self.target is None else self.target[:n])
+
+
+def _tensor(x: Any, where: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise DataError(where, got=type(x).__name__, expected="a torch.Tensor or numpy array",
+                    fix="convert the item to a tensor")
+
+
+def _item_to_batch(item: Any, where: str) -> Batch:
+    if isinstance(item, Batch):
+        return item
+    if isinstance(item, dict):
+        if not item:
+            raise DataError(where, got="an empty dict", expected="a dict of input tensors",
+                            fix="yield e.g. {'input_ids': ..., 'attention_mask': ...}")
+        target = item.get("labels")
+        inputs = {k: _tensor(v, f"{where}[{k!r}]") for k, v in item.items() if k != "labels"}
+        return Batch(inputs, None if target is None else _tensor(target, f"{where}['labels']"))
+    if isinstance(item, (tuple, list)):
+        if len(item) == 2:
+            return Batch((_tensor(item[0], where),), _tensor(item[1], where))
+        if len(item) == 1:
+            return Batch((_tensor(item[0], where),))
+        raise DataError(where, got=f"a {len(item)}-tuple", expected="(inputs,) or (inputs, target)",
+                        fix="yield (x, y) pairs, a tensor, or a dict of tensors")
+    return Batch((_tensor(item, where),))
+
+
+def as_batches(
+    data: Any, batch_size: int = 32, limit: int | None = None, where: str = "data"
+) -> list[Batch]:
+    """Normalise ``data`` into a list of :class:`Batch`, checking it is non-empty and finite.
+
+    Args:
+        data: see the module doc for accepted forms.
+        batch_size: used only when ``data`` is a whole array/tensor or an ``(X, y)`` pair.
+        limit: stop after this many examples.
+        where: name used in errors (e.g. ``"calibration data"``).
+
+    Raises:
+        DataError: empty, malformed, or containing NaN/Inf.
+    """
+    if data is None:
+        raise DataError(where, got=None, expected="calibration/evaluation data",
+                        fix="pass data=..., or use a zoo data name in the recipe")
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        data = (data,)
+    if (
+        isinstance(data, tuple)
+        and 1 <= len(data) <= 2
+        and all(isinstance(d, (np.ndarray, torch.Tensor)) for d in data)
+    ):
+        tensors = [_tensor(d, where) for d in data]
+        if len({int(t.shape[0]) for t in tensors}) != 1:
+            raise DataError(where, got=[tuple(t.shape) for t in tensors],
+                            expected="inputs and targets with the same first dimension",
+                            fix="pass (X, y) with len(X) == len(y)")
+        n = int(tensors[0].shape[0])
+        items: Iterable[Any] = [
+            tuple(t[i : i + batch_size] for t in tensors) for i in range(0, n, batch_size)
+        ]
+    else:
+        items = data
+    if not isinstance(items, Iterable):
+        raise DataError(where, got=type(data).__name__,
+                        expected="a DataLoader, an iterable of batches, or arrays",
+                        fix="wrap your data in a torch DataLoader")
+    out: list[Batch] = []
+    seen = 0
+    for i, item in enumerate(items):
+        batch = _item_to_batch(item, f"{where}[{i}]")
+        if limit is not None and seen + batch.size > limit:
+            batch = batch.slice(limit - seen)
+        _check_finite(batch, f"{where}[{i}]")
+        if batch.size:
+            out.append(batch)
+        seen += batch.size
+        if limit is not None and seen >= limit:
+            break
+    if not out:
+        raise DataError(where, got="no examples", expected="at least one batch",
+                        fix="check the dataset is not empty")
+    return out
+
+
+def _check_finite(batch: Batch, where: str) -> None:
+    values = batch.inputs.values() if isinstance(batch.inputs, dict) else batch.inputs
+    for t in values:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DataError(where, got="NaN or Inf values", expected="finite inputs",
+                            fix="clean or drop the non-finite examples")
+
+
+def example_inputs(batches: list[Batch], n: int = 1) -> Batch:
+    """A small batch (the first ``n`` examples) for tracing, export and latency."""
+    return batches[0].slice(n)
+
+
+__all__ = ["Batch", "as_batches", "example_inputs"]

@@ -1,0 +1,192 @@
+"""Recipes: the YAML/JSON description of a compression run, and the same objects in Python.
+
+A recipe names a model, data, a metric, an ordered list of stages and what to export. Every stage is
+``{kind: {method: ..., ...}}`` and is validated by the registered config class of that method, so
+unknown keys and wrong types are :class:`RecipeError` before any work starts.
+
+Example:
+    >>> from netpress.core.recipe import Recipe
+    >>> r = Recipe.from_dict({
+    ...     "model": "zoo:digits_cnn", "data": "zoo:digits", "metric": "accuracy",
+    ...     "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}],
+    ... })
+    >>> r.stages[0].kind, r.stages[0].config.method
+    ('prune', 'magnitude')
+    >>> Recipe.from_dict(r.to_dict()) == r
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from netpress.core.config import (
+    STAGES,
+    TechniqueConfig,
+    parse_config,
+    validation_to_recipe_error,
+)
+from netpress.core.errors import RecipeError
+
+EXPORTS = ("artifact", "onnx")
+RUNTIMES = ("onnxruntime", "torch")
+METRICS = ("accuracy", "top1_agreement", "kl", "cosine")
+
+
+class Stage(BaseModel):
+    """One step of a recipe: a stage kind and its validated technique config."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    kind: str
+    config: TechniqueConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: self.config.to_dict()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stage) and self.to_dict() == other.to_dict()
+
+
+class _Fields(BaseModel):
+    """The recipe's top-level keys (stages are validated separately, per method)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: int = 1
+    model: str = Field(min_length=1, max_length=4096)
+    data: str | None = Field(default=None, max_length=4096)
+    metric: Literal["accuracy", "top1_agreement", "kl", "cosine"] | None = None
+    stages: list[Any] = Field(default_factory=list, max_length=64)
+    export: list[Literal["artifact", "onnx"]] = Field(default_factory=lambda: ["artifact"])
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    threads: int = Field(default=2, ge=1, le=256)
+    batch: int = Field(default=1, ge=1, le=4096)
+    eval_limit: int | None = Field(default=None, ge=1, le=10**7)
+
+
+class Recipe(BaseModel):
+    """A validated recipe. Build it with :meth:`from_dict`, :meth:`load` or directly in Python.
+
+    Attributes:
+        model: ``zoo:NAME``, a ``.pt2`` torch.export file, or ``hf:DIR``.
+        data: ``zoo:NAME`` (calibration, fine-tune and held-out evaluation splits).
+        metric: ``accuracy``, ``top1_agreement``, ``kl`` or ``cosine`` (default: the data's own).
+        stages: ordered :class:`Stage` list.
+        export: subset of ``artifact`` and ``onnx``.
+        seed, runtime, threads, batch: reproducibility and how latency is measured.
+        eval_limit: evaluate on at most this many held-out examples (default: all).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = 1
+    model: str
+    data: str | None = None
+    metric: str | None = None
+    stages: list[Stage] = Field(default_factory=list)
+    export: list[str] = Field(default_factory=lambda: ["artifact"])
+    seed: int = 0
+    runtime: str = "onnxruntime"
+    threads: int = 2
+    batch: int = 1
+    eval_limit: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        """Validate a plain mapping (as read from YAML/JSON) into a :class:`Recipe`.
+
+        Raises:
+            RecipeError: naming the offending key path, what was received and how to fix it.
+        """
+        if not isinstance(data, dict):
+            raise RecipeError(
+                where, got=type(data).__name__, expected="a mapping with keys model, data, stages",
+                fix="start the file with `model: zoo:mobilenet_v2` (see README)",
+            )
+        try:
+            fields = _Fields.model_validate(data)
+        except ValidationError as exc:
+            raise validation_to_recipe_error(exc, where) from None
+        stages = [_parse_stage(s, f"{where}.stages[{i}]") for i, s in enumerate(fields.stages)]
+        values = fields.model_dump()
+        values["stages"] = stages
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a ``.yaml``/``.yml``/``.json`` recipe file.
+
+        Raises:
+            RecipeError: the file is missing, unreadable, not valid YAML/JSON, or invalid.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(
+                str(path), got="no such file", expected="a recipe .yaml or .json file",
+                fix="check the path",
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(
+                str(path), got=type(exc).__name__, expected="a UTF-8 text file",
+                fix="save the recipe as UTF-8 YAML or JSON",
+            ) from None
+        return cls.from_dict(parse_text(text, str(path)), where=path.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict that :meth:`from_dict` accepts and that compares equal after a round trip."""
+        out = self.model_dump(exclude={"stages"})
+        out["stages"] = [s.to_dict() for s in self.stages]
+        return out
+
+
+def parse_text(text: str, where: str) -> Any:
+    """Parse YAML (a superset of JSON); syntax errors become :class:`RecipeError` with the line."""
+    if len(text) > 1_000_000:
+        raise RecipeError(where, got=f"{len(text)} characters", expected="a recipe under 1 MB",
+                          fix="recipes are short; check you passed the right file")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise RecipeError(
+            f"{where}{line}", got=f"malformed YAML ({problem})", expected="valid YAML or JSON",
+            fix="check indentation, colons and quotes on that line",
+        ) from None
+    except RecursionError:
+        raise RecipeError(where, got="nesting too deep", expected="a flat recipe",
+                          fix="remove the deeply nested structure") from None
+
+
+def _parse_stage(item: Any, where: str) -> Stage:
+    if isinstance(item, Stage):
+        return item
+    if not isinstance(item, dict) or len(item) != 1:
+        raise RecipeError(
+            where, got=item, expected="a one-key mapping like {prune: {method: magnitude}}",
+            fix="write each stage as `- KIND: {method: ..., ...}`",
+        )
+    (kind, body), = item.items()
+    if kind not in STAGES:
+        raise RecipeError(
+            where, got=kind, expected=f"a stage kind: {', '.join(STAGES)}", fix="rename the stage"
+        )
+    return Stage(kind=kind, config=parse_config(kind, body, f"{where}.{kind}"))
+
+
+def dumps(recipe: Recipe) -> str:
+    """The recipe as pretty JSON (what manifests store)."""
+    return json.dumps(recipe.to_dict(), indent=2, sort_keys=True)
+
+
+__all__ = ["Recipe", "Stage", "parse_text", "dumps", "EXPORTS", "RUNTIMES", "METRICS"]

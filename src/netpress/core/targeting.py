@@ -1,0 +1,98 @@
+"""Choosing which submodules a technique touches: ``targets`` and ``ignore``.
+
+A pattern is one of
+  * a module class name, e.g. ``"Linear"``, ``"Conv2d"`` (matches ``type(m).__name__``),
+  * an exact qualified module name, e.g. ``"features.0.0"``,
+  * a regular expression on the qualified name, prefixed ``re:``, e.g. ``"re:classifier.*"``
+    (``re.fullmatch``).
+
+Rules: a module listed by ``ignore`` is never touched (ignore is checked first). Otherwise it is
+selected when it matches a pattern of ``targets``; patterns are tried in order and the first match
+wins (it is returned, so per-pattern settings can follow it). When ``targets`` is omitted the
+technique's default classes are used.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from netpress.core.targeting import select
+    >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Linear(8, 2))
+    >>> [name for name, _ in select(m, targets=["Conv2d", "Linear"], ignore=["re:2"])]
+    ['0']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch.nn as nn
+
+from netpress.core.errors import RecipeError
+
+
+def _compile(pattern: str, where: str) -> re.Pattern[str] | None:
+    if not isinstance(pattern, str) or not pattern:
+        raise RecipeError(where, got=pattern, expected="a class name, module name or 're:REGEX'",
+                          fix="e.g. 'Linear', 'features.0.0' or 're:classifier.*'")
+    if pattern.startswith("re:"):
+        try:
+            return re.compile(pattern[3:])
+        except re.error as exc:
+            raise RecipeError(where, got=pattern, expected=f"a valid regex ({exc})",
+                              fix="escape special characters such as '.' or '['") from None
+    return None
+
+
+def matches(name: str, module: nn.Module, pattern: str, where: str = "pattern") -> bool:
+    """Whether ``module`` (qualified ``name``) matches one pattern."""
+    rx = _compile(pattern, where)
+    if rx is not None:
+        return rx.fullmatch(name) is not None
+    return pattern == name or pattern == type(module).__name__
+
+
+def select(
+    model: nn.Module,
+    targets: Sequence[str] | None = None,
+    ignore: Sequence[str] | None = None,
+    default: Sequence[type[nn.Module]] = (nn.Linear, nn.Conv1d, nn.Conv2d),
+    where: str = "targets",
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` a technique should touch, in definition order.
+
+    Args:
+        model: the model to search.
+        targets: patterns (see module doc); ``None`` selects instances of ``default``.
+        ignore: patterns never touched.
+        default: classes selected when ``targets`` is ``None``.
+        where: recipe path used in error messages.
+
+    Returns:
+        ``(qualified_name, module)`` pairs.
+
+    Raises:
+        RecipeError: a pattern is malformed, or an exact-name pattern names no module.
+    """
+    ignore = list(ignore or [])
+    for i, p in enumerate(ignore):
+        _compile(p, f"{where}.ignore[{i}]")
+    names = {n for n, _ in model.named_modules()}
+    classes = {type(m).__name__ for _, m in model.named_modules()}
+    for i, p in enumerate(targets or []):
+        if _compile(p, f"{where}[{i}]") is None and p not in names and p not in classes:
+            raise RecipeError(
+                f"{where}[{i}]", got=p, expected="a module class or name present in the model",
+                fix="`netpress inspect` lists module names; use 're:' for a regex",
+            )
+    out = []
+    for name, module in model.named_modules():
+        if not name or any(matches(name, module, p) for p in ignore):
+            continue
+        if targets is None:
+            if isinstance(module, tuple(default)):
+                out.append((name, module))
+        elif any(matches(name, module, p) for p in targets):
+            out.append((name, module))
+    return out
+
+
+__all__ = ["select", "matches"]
