@@ -22,6 +22,10 @@ import os as _os
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The technique subpackages are imported first: the functions `prune` / `quantize` below then
+# shadow the subpackage attributes for good (a later `import netpress.prune` does not rebind them).
+import netpress.prune  # noqa: E402, F401
+import netpress.quantize  # noqa: E402, F401
 from netpress.api import load, prune, quantize  # noqa: E402
 from netpress.core import (  # noqa: E402
     ArtifactError,

@@ -19,9 +19,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model": "zoo:mobilenet_v2",
         "data": "zoo:photos",
         "metric": "top1_agreement",
+        # One-shot unstructured pruning without fine-tuning costs MobileNetV2 dearly (measured on
+        # these crops: 10% layer-wise already drops top-1 agreement to ~0.79), so the demo shows
+        # int8 per-channel weights alone here; pruning is shown on the digits CNN.
         "stages": [
-            {"prune": {"method": "magnitude", "sparsity": 0.3, "scope": "layer",
-                       "ignore": ["re:features\\.0\\..*", "re:classifier.*"]}},
             {"quantize": {"method": "int8_weight", "bits": 8, "granularity": "per_channel"}},
         ],
         "export": ["artifact", "onnx"],

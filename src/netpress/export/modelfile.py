@@ -1,0 +1,214 @@
+"""Model files without pickle: ``.pt2`` programs (unpickling refused), state dicts, safetensors.
+
+Also the ``torch.export`` round trip the artifact's ``export`` source uses.
+
+Example:
+    >>> import tempfile, torch, torch.nn as nn
+    >>> from netpress.export.modelfile import load_model_file
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     torch.save(nn.Linear(2, 2), f"{d}/m.pt")  # a pickled module: refused
+    ...     try:
+    ...         load_model_file(f"{d}/m.pt")
+    ...     except Exception as exc:
+    ...         print(type(exc).__name__)
+    ModelError
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import pickle
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from netpress.core.data import Batch
+from netpress.core.errors import ArtifactError, ModelError
+
+#: where a loaded program module keeps its example inputs (``module.meta``), for re-export
+EXAMPLE_KEY = "netpress_example_inputs"
+
+
+def export_program(model: nn.Module, example: Any = None) -> bytes:
+    """``torch.export`` ``model`` (eval mode, batch dim dynamic) into ``.pt2`` bytes.
+
+    Args:
+        model: the model; its program must hold exactly the tensors of its state dict.
+        example: a :class:`Batch`, a tuple of input tensors, or ``(args, kwargs)``; defaults to
+            the inputs a ``.pt2`` model was loaded with.
+
+    Raises:
+        ArtifactError: no example inputs, or the model cannot be exported.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> data = export_program(nn.Linear(3, 2), (torch.randn(1, 3),))
+        >>> load_program(data)(torch.randn(5, 3)).shape
+        torch.Size([5, 2])
+    """
+    if example is None:
+        meta = getattr(model, "meta", None)
+        example = meta.get(EXAMPLE_KEY) if isinstance(meta, dict) else None
+    if isinstance(example, Batch):
+        args, kwargs = (((), dict(example.inputs)) if isinstance(example.inputs, dict)
+                        else (tuple(example.inputs), {}))
+    elif isinstance(example, tuple) and len(example) == 2 and isinstance(example[1], dict):
+        args, kwargs = tuple(example[0]), dict(example[1])
+    elif isinstance(example, tuple):
+        args, kwargs = example, {}
+    else:
+        raise ArtifactError("example", got=type(example).__name__,
+                            expected="example inputs (a Batch or a tuple of tensors) for an "
+                            "export source", fix="pass example=... to save_artifact")
+    was_training = model.training
+    try:
+        model.eval()
+        args = tuple(_widen(a) for a in args)
+        kwargs = {k: _widen(v) for k, v in kwargs.items()}
+        program = torch.export.export(model, args, kwargs,
+                                      dynamic_shapes=_batch_dynamic(args, kwargs))
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+    except Exception as exc:  # torch.export raises many types
+        raise ArtifactError("source export", got=f"{type(exc).__name__}: {str(exc)[:200]}",
+                            expected="a model torch.export can trace",
+                            fix="use a zoo or module source instead") from None
+    finally:
+        model.train(was_training)
+    data = buf.getvalue()
+    if set(load_program(data).state_dict()) != set(model.state_dict()):
+        raise ArtifactError("source export", got="an exported program whose tensors differ from "
+                            "the model's state dict", expected="the same tensor names",
+                            fix="use a zoo or module source instead")
+    return data
+
+
+def _batch_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The first dim of every tensor input may vary (AUTO: specialised if the model needs it)."""
+
+    def one(v: Any) -> Any:
+        return {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() else None
+
+    if args and kwargs:
+        return None
+    return {k: one(v) for k, v in kwargs.items()} if kwargs else tuple(one(a) for a in args)
+
+
+def _widen(v: Any) -> Any:
+    """A batch of 1 becomes 2 (torch.export would specialise a size-1 batch dim to 1)."""
+    if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 1:
+        return torch.cat([v, v])
+    return v
+
+
+def eval_mode(module: nn.Module) -> nn.Module:
+    """``module.eval()``; a torch.export program module (exported in eval mode) refuses it."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
+
+
+_NO_PICKLE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_pickle() -> Iterator[None]:
+    """Inside: ``torch.load`` is forced to ``weights_only=True`` and raw unpickling raises."""
+    from torch.export.pt2_archive import _package
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise pickle.UnpicklingError("netpress refuses to unpickle objects")
+
+    real_load = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    with _NO_PICKLE_LOCK:
+        saved = (torch.load, _package.pickle, torch._C._pickle_load_obj)
+        torch.load = safe_load  # type: ignore[assignment]
+        _package.pickle = type("NoPickle", (), {"loads": staticmethod(refuse)})  # type: ignore
+        torch._C._pickle_load_obj = refuse
+        try:
+            yield
+        finally:
+            torch.load, _package.pickle, torch._C._pickle_load_obj = saved
+
+
+def load_program(source: Path | bytes, where: str = "program.pt2") -> nn.Module:
+    """The module of a ``torch.export`` program (a ``.pt2`` path or its bytes), unpickling refused.
+
+    Raises:
+        ModelError: unreadable, or it needs unpickling (``where`` names it).
+    """
+    if isinstance(source, Path):
+        where = str(source)
+    try:
+        with _no_pickle():
+            program = torch.export.load(io.BytesIO(source) if isinstance(source, bytes)
+                                        else str(source))
+        module = program.module()
+    except Exception as exc:  # torch.export.load raises many types
+        raise ModelError(where, got=f"{type(exc).__name__}: {str(exc)[:200]}",
+                         expected="a torch.export .pt2 file without pickled objects",
+                         fix="re-export it with torch.export.save (tensors only)") from None
+    example, meta = getattr(program, "example_inputs", None), getattr(module, "meta", None)
+    if example is not None and isinstance(meta, dict):
+        # GraphModule.meta survives deepcopy (a plain attribute would not)
+        meta[EXAMPLE_KEY] = copy.deepcopy(example)
+    return module
+
+
+def load_model_file(path: str | Path) -> nn.Module | dict[str, torch.Tensor]:
+    """Load a model file without unpickling arbitrary objects.
+
+    Accepted: ``.pt2`` (``torch.export.save``; returns the program's module, eval mode),
+    ``.safetensors`` and plain state-dict ``.pt`` / ``.pth`` / ``.bin`` files (``torch.load`` with
+    ``weights_only=True``; returns the dict of tensors).
+
+    Raises:
+        ModelError: a pickled model object (refused: unpickling runs arbitrary code), an unknown
+            suffix, or an unreadable file.
+
+    Example:
+        >>> load_model_file("model.pkl")  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        netpress.core.errors.ModelError: model.pkl: ...
+    """
+    path = Path(path)
+    fix = ("save the model with torch.export.save (.pt2) or its state_dict with safetensors; "
+           "pickled model objects are refused because unpickling runs arbitrary code")
+    suffix = path.suffix.lower()
+    if suffix not in {".pt2", ".safetensors", ".pt", ".pth", ".bin"}:
+        raise ModelError(str(path), got=f"a {suffix or 'suffix-less'} file",
+                         expected=".pt2, .safetensors or a state-dict .pt/.pth", fix=fix)
+    if not path.is_file():
+        raise ModelError(str(path), got="no such file", expected="a model file",
+                         fix="check the path")
+    if suffix == ".pt2":
+        return eval_mode(load_program(path))
+    try:
+        if suffix == ".safetensors":
+            return safetensors.torch.load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, safetensors errors
+        raise ModelError(str(path), got=f"a file torch.load(weights_only=True) refuses "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                         expected="a plain state dict of tensors", fix=fix) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(str(path), got=type(obj).__name__, expected="a dict of tensors", fix=fix)
+    return obj
+
+
+__all__ = ["export_program", "load_model_file", "load_program"]

@@ -1,0 +1,32 @@
+"""netpress's own serializable modules and the spec registry that rebuilds modules without pickle.
+
+Example:
+    >>> import torch.nn as nn
+    >>> from netpress.nn import QuantLinear, build_module, module_spec
+    >>> q = QuantLinear.from_float(nn.Linear(8, 4))
+    >>> module_spec(q)["class"]
+    'netpress.nn.QuantLinear'
+    >>> type(build_module(module_spec(q))).__name__
+    'QuantLinear'
+"""
+
+from netpress.nn.quant import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantLinear
+from netpress.nn.registry import (
+    TORCH_MODULES,
+    build_module,
+    is_serializable,
+    module_spec,
+    serializable,
+)
+
+__all__ = [
+    "QUANT_CLASSES",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "TORCH_MODULES",
+    "build_module",
+    "is_serializable",
+    "module_spec",
+    "serializable",
+]

@@ -1,0 +1,17 @@
+"""Quantization: the uniform affine scheme (Q1) and the registered quantize techniques.
+
+Importing this package registers ``quantize: {method: int8_weight}``.
+"""
+
+from netpress.quantize.qscheme import QScheme, compute_qparams, dequantize, quantize, sqnr_db
+from netpress.quantize.weight import WeightQuantConfig, quantize_int8_weight
+
+__all__ = [
+    "QScheme",
+    "WeightQuantConfig",
+    "compute_qparams",
+    "dequantize",
+    "quantize",
+    "quantize_int8_weight",
+    "sqnr_db",
+]

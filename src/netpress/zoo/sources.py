@@ -1,0 +1,268 @@
+"""Raw real-world data that ships inside installed packages (nothing is downloaded).
+
+These functions return plain numpy arrays / strings; :mod:`netpress.zoo.data` turns them into
+batches and :mod:`netpress.zoo.trained` trains the small zoo models on them. Every function is
+deterministic and cached in-process.
+
+- digits: ``sklearn.datasets.load_digits`` (1797 scanned 8x8 handwritten digits), fixed stratified
+  70/30 split.
+- MNIST-1D: ``mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())`` (generated locally, the
+  package's own 4000/1000 split; its download path is never used).
+- photos: colour photographs bundled with scikit-image and scikit-learn.
+- sentences: English prose from the Python documentation (``pydoc_data.topics``, the text behind
+  ``help()``), split into sentences with code and markup removed.
+
+Example:
+    >>> from netpress.zoo.sources import digits_arrays
+    >>> x_train, y_train, x_test, y_test = digits_arrays()
+    >>> x_train.shape[1:], x_train.dtype.name, len(x_train) + len(x_test)
+    ((1, 8, 8), 'float32', 1797)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+
+from netpress.core.errors import DataError
+
+# Fixed, so that the zoo models never see the examples used to evaluate them, whatever `seed`.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.3
+
+Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
+
+
+@lru_cache(maxsize=1)
+def digits_arrays() -> Split:
+    """sklearn digits as ``(x_train, y_train, x_test, y_test)``.
+
+    Returns:
+        ``x_*`` float32 ``(N, 1, 8, 8)`` scaled to [0, 1]; ``y_*`` int64 ``(N,)``. The split is a
+        fixed stratified 70/30 split (1257 / 540 examples). Arrays are read-only.
+
+    Example:
+        >>> xtr, ytr, xte, yte = digits_arrays()
+        >>> len(xtr), len(xte), float(xtr.max())
+        (1257, 540, 1.0)
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # (N, 1, 8, 8)
+    y = digits.target.astype(np.int64)  # (N,)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SPLIT_SEED
+    )
+    return _readonly(x_tr, y_tr, x_te, y_te)
+
+
+@lru_cache(maxsize=1)
+def mnist1d_arrays() -> Split:
+    """MNIST-1D with the package's default arguments as ``(x_train, y_train, x_test, y_test)``.
+
+    Built locally with ``make_dataset`` (never downloaded). ``make_dataset`` reseeds the global
+    ``random`` / ``numpy.random`` state; that state is saved and restored around the call.
+
+    Returns:
+        ``x_*`` float32 ``(N, 1, 40)``; ``y_*`` int64 ``(N,)``; 4000 train / 1000 test examples.
+
+    Raises:
+        DataError: the ``mnist1d`` package is not installed.
+
+    Example:
+        >>> xtr, ytr, xte, yte = mnist1d_arrays()
+        >>> xtr.shape, xte.shape
+        ((4000, 1, 40), (1000, 1, 40))
+    """
+    try:
+        import mnist1d.data
+    except ImportError as exc:
+        raise DataError("zoo data 'mnist1d'", got="package mnist1d missing",
+                        expected="the mnist1d package", fix="pip install mnist1d") from exc
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        ds = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x_tr = np.asarray(ds["x"], dtype=np.float32)[:, None, :]  # (N, 1, 40)
+    x_te = np.asarray(ds["x_test"], dtype=np.float32)[:, None, :]  # (N, 1, 40)
+    y_tr = np.asarray(ds["y"], dtype=np.int64)
+    y_te = np.asarray(ds["y_test"], dtype=np.int64)
+    return _readonly(x_tr, y_tr, x_te, y_te)
+
+
+def _readonly(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> Split:
+    out = []
+    for a in (x_tr, y_tr, x_te, y_te):
+        a = np.ascontiguousarray(a)
+        a.flags.writeable = False
+        out.append(a)
+    return out[0], out[1], out[2], out[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# photos
+# ---------------------------------------------------------------------------------------------
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        if name == "motorcycle":
+            return skimage.data.stereo_motorcycle()[0]  # left view only: the right is a near copy
+        return getattr(skimage.data, name)()
+
+    return load
+
+
+def _sklearn(index: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_images
+
+        return load_sample_images().images[index]
+
+    return load
+
+
+# Colour photographs that ship inside the installed packages. The split is fixed and balanced by
+# how confident ImageNet MobileNetV2 is on each (measured once): calibration and evaluation never
+# share a source image. skimage's `cat` is the same picture as `chelsea`, so it is not used; the
+# images that skimage fetches over the network (eagle, lily, skin, ...) are not used either.
+CALIBRATION_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
+    "skimage:chelsea": _skimage("chelsea"),
+    "skimage:rocket": _skimage("rocket"),
+    "skimage:immunohistochemistry": _skimage("immunohistochemistry"),
+    "sklearn:flower": _sklearn(1),
+}
+EVALUATION_PHOTOS: dict[str, Callable[[], np.ndarray]] = {
+    "skimage:astronaut": _skimage("astronaut"),
+    "skimage:coffee": _skimage("coffee"),
+    "skimage:hubble_deep_field": _skimage("hubble_deep_field"),
+    "skimage:retina": _skimage("retina"),
+    "skimage:motorcycle": _skimage("motorcycle"),
+    "sklearn:china": _sklearn(0),
+}
+
+
+@lru_cache(maxsize=2)
+def photo_sources(split: str) -> tuple[tuple[str, np.ndarray], ...]:
+    """The source photographs of one split as ``((id, HxWx3 uint8 array), ...)``.
+
+    Args:
+        split: ``"calibration"`` or ``"evaluation"`` (disjoint sets of images).
+
+    Returns:
+        The images that load offline, in a fixed order. Arrays are read-only.
+
+    Raises:
+        DataError: unknown split, or none of its images can be loaded.
+
+    Example:
+        >>> [name for name, _ in photo_sources("calibration")][:2]
+        ['skimage:chelsea', 'skimage:rocket']
+    """
+    table = {"calibration": CALIBRATION_PHOTOS, "evaluation": EVALUATION_PHOTOS}.get(split)
+    if table is None:
+        raise DataError("photo split", got=split, expected="'calibration' or 'evaluation'",
+                        fix="ask for one of the two splits")
+    out = []
+    failures = []
+    for name, load in table.items():
+        try:
+            img = np.asarray(load())
+        except Exception as exc:  # an image that needs the network is skipped
+            failures.append(f"{name} ({type(exc).__name__})")
+            continue
+        if img.ndim != 3 or img.shape[2] < 3:
+            failures.append(f"{name} (shape {img.shape})")
+            continue
+        img = np.ascontiguousarray(img[..., :3].astype(np.uint8))  # (H, W, 3)
+        img.flags.writeable = False
+        out.append((name, img))
+    if not out:
+        raise DataError(f"photos ({split})", got=f"no loadable images; failed: {failures}",
+                        expected="the photos bundled with scikit-image and scikit-learn",
+                        fix="reinstall scikit-image and scikit-learn")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# sentences
+# ---------------------------------------------------------------------------------------------
+
+_HEADING = re.compile(r"^[*=\-~^]{3,}$")
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“])")
+_EMPHASIS = re.compile(r"\*([^*\s][^*]*)\*")
+# code-looking tokens: grammar rules, prompts, calls, indexing, dotted/underscored names, operators
+_CODE = re.compile(r"::=|>>>|\w\(|\[\d|\w_\w|\w\.\w|[{}<>|\\@#$%]|\s[-+*/=]{1,2}\s|__")
+_ABBREV_END = (" e.g.", " i.e.", " etc.", " vs.")
+
+
+@lru_cache(maxsize=1)
+def sentences() -> tuple[str, ...]:
+    """English sentences written by people: the prose of Python's ``help()`` topics.
+
+    Paragraphs that are indented (code, grammar) or are headings are dropped, ``*emphasis*`` is
+    unwrapped, and sentences that contain code-looking tokens, are shorter than 30 or longer than
+    300 characters, or are mostly non-letters are skipped. Duplicates are removed; order is fixed.
+
+    Returns:
+        The sentences (673 on CPython 3.11).
+
+    Raises:
+        DataError: ``pydoc_data`` is missing (some stripped-down Python builds).
+
+    Example:
+        >>> s = sentences()
+        >>> len(s) > 600, all(x[0].isupper() or x[0] in '"“' for x in s)
+        (True, True)
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:
+        raise DataError("zoo data 'sentences'", got="pydoc_data missing",
+                        expected="the standard library's pydoc_data package",
+                        fix="use a full CPython installation (not a stripped build)") from exc
+    seen: dict[str, None] = {}
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            lines = para.split("\n")
+            if any(line.startswith((" ", "\t")) for line in lines):
+                continue  # code block, grammar rule or indented example
+            if any(_HEADING.match(line.strip()) for line in lines):
+                continue
+            flat = _EMPHASIS.sub(r"\1", " ".join(line.strip() for line in lines))
+            for sent in _SPLIT.split(flat):
+                sent = re.sub(r"\s+", " ", sent).strip()
+                if _is_prose(sent):
+                    seen.setdefault(sent, None)
+    return tuple(seen)
+
+
+def _is_prose(sent: str) -> bool:
+    if not 30 <= len(sent) <= 300:
+        return False
+    if not re.match(r"^[A-Z\"“][a-z\"]", sent) or not sent.endswith((".", "?", "!")):
+        return False
+    if _CODE.search(sent) or "*" in sent or sent.endswith(_ABBREV_END):
+        return False
+    letters = sum(c.isalpha() or c.isspace() for c in sent)
+    return letters >= 0.9 * len(sent)
+
+
+__all__ = [
+    "CALIBRATION_PHOTOS",
+    "EVALUATION_PHOTOS",
+    "digits_arrays",
+    "mnist1d_arrays",
+    "photo_sources",
+    "sentences",
+]
