@@ -27,9 +27,13 @@ from netpress.core.errors import RecipeError
 ROW_KEYS = ("suite", "case", "tool", "method", "metric_name", "metric", "size_bytes",
             "latency_ms", "speedup_vs_fp32", "compress_seconds")
 
-# suite name -> "module:function"; each function takes (quick: bool) and returns rows
-SUITES: dict[str, str] = {
-    "magnitude": "netpress.bench.magnitude:run",
+# suite name -> its parts, "module:function" each; a part takes (quick: bool) and returns rows.
+# A suite may be split across files (one per area); its rows are concatenated in this order.
+SUITES: dict[str, list[str]] = {
+    "magnitude": ["netpress.bench.magnitude:run"],
+    "quantize": [],
+    "prune": [],
+    "distill": [],
 }
 
 
@@ -55,9 +59,15 @@ def run_suite(
     if name not in SUITES:
         raise RecipeError("bench suite", got=name, expected=f"one of {', '.join(suite_names())}",
                           fix="pick a suite listed here")
-    module, func = SUITES[name].split(":")
-    fn: Callable[[bool], list[dict[str, Any]]] = getattr(importlib.import_module(module), func)
-    rows = fn(quick)
+    if not SUITES[name]:
+        ready = ", ".join(s for s in SUITES if SUITES[s])
+        raise RecipeError("bench suite", got=name, expected="a suite with cases",
+                          fix=f"suite {name!r} has no cases yet; try: {ready}")
+    rows: list[dict[str, Any]] = []
+    for part in SUITES[name]:
+        module, func = part.split(":")
+        fn: Callable[[bool], list[dict[str, Any]]] = getattr(importlib.import_module(module), func)
+        rows += fn(quick)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
