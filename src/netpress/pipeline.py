@@ -104,24 +104,61 @@ def resolve_workload(recipe: Recipe) -> Workload:
 
 
 # ------------------------------------------------------------------------------------- measuring
-def _latency(model: nn.Module, example: Batch, runtime: str, threads: int, scratch: Path) -> float:
-    from netpress.export.onnx import OnnxRunner, export_onnx
-    from netpress.measure import latency_onnx, latency_torch
+@dataclass
+class Deployed:
+    """A model as the chosen runtime executes it: outputs and latency come from the same place.
 
+    For ``onnxruntime`` / ``openvino`` the model is exported to ONNX once and both the metric and
+    the latency are measured on that file, so the numbers describe what a user deploys.
+    """
+
+    runtime: str
+    threads: int
+    model: nn.Module
+    onnx_path: Path | None = None
+    runner: Any = None
+
+    def outputs(self, batches: list[Batch]) -> list[torch.Tensor]:
+        from netpress.core.progress import track
+        from netpress.measure import collect_outputs
+
+        if self.runner is None:
+            return collect_outputs(self.model, batches)
+        return [torch.from_numpy(self.runner.run(b)) for b in track(batches, f"evaluating ({self.runtime})")]
+
+    def latency_ms(self, example: Batch) -> float:
+        from netpress.measure import latency_onnx, latency_torch
+
+        if self.runtime == "torch":
+            return latency_torch(self.model, example, threads=self.threads).median_ms
+        if self.runtime == "openvino":
+            from netpress.export.openvino import latency_openvino
+
+            return latency_openvino(self.onnx_path, example, threads=self.threads).median_ms
+        return latency_onnx(self.onnx_path, example, threads=self.threads).median_ms
+
+
+def deploy(model: nn.Module, example: Batch, runtime: str, threads: int, path: Path) -> Deployed:
+    """Export ``model`` for ``runtime`` (ONNX at ``path`` unless the runtime is torch)."""
     if runtime == "torch":
-        return latency_torch(model, example, threads=threads).median_ms
-    path = export_onnx(model, example, scratch / f"latency-{id(model)}.onnx")
-    feeds = OnnxRunner(path, threads=threads).feeds(example)
-    return latency_onnx(path, feeds, threads=threads).median_ms
+        return Deployed(runtime, threads, model)
+    from netpress.export.onnx import OnnxRunner, export_onnx
+
+    export_onnx(model, example, path)
+    if runtime == "openvino":
+        from netpress.export.openvino import OpenVinoRunner
+
+        return Deployed(runtime, threads, model, path, OpenVinoRunner(path, threads=threads))
+    return Deployed(runtime, threads, model, path, OnnxRunner(path, threads=threads))
 
 
 def quality(
-    work: Workload, model: nn.Module, reference: list[torch.Tensor] | None
+    work: Workload, deployed: Deployed, reference: list[torch.Tensor] | None
 ) -> tuple[float, dict[str, float], list[torch.Tensor]]:
     """The main metric, secondary metrics and the outputs (so the original's can be reused)."""
-    from netpress.measure import collect_outputs, compute_metric, confident_agreement
+    from netpress.measure import compute_metric, confident_agreement
 
-    outputs = collect_outputs(model, work.evaluation)
+    outputs = deployed.outputs(work.evaluation)
     ref = reference if reference is not None else outputs
     secondary: dict[str, float] = {}
     if work.task == "classification":
@@ -138,12 +175,11 @@ def quality(
     return main, secondary, outputs
 
 
-def measure(
-    model: nn.Module, work: Workload, recipe: Recipe, size_bytes: int, scratch: Path
-) -> Measurement:
-    """Params, non-zeros, MACs and latency of ``model`` (the metric is filled in by the caller)."""
+def measure(deployed: Deployed, work: Workload, recipe: Recipe, size_bytes: int) -> Measurement:
+    """Params, non-zeros, MACs and latency (the metric is filled in by the caller)."""
     from netpress.measure import count_macs, count_nonzero, count_params
 
+    model = deployed.model
     example = work.evaluation[0].slice(recipe.batch)
     status(f"measuring latency ({recipe.runtime}, {recipe.threads} threads, batch {recipe.batch})")
     return Measurement(
@@ -151,7 +187,7 @@ def measure(
         nonzero_params=count_nonzero(model),
         macs=count_macs(model, example),
         size_bytes=size_bytes,
-        latency_ms=round(_latency(model, example, recipe.runtime, recipe.threads, scratch), 4),
+        latency_ms=round(deployed.latency_ms(example), 4),
         metric=float("nan"),
     )
 
@@ -294,20 +330,25 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="netpress-scratch-") as scratch_name:
         scratch = Path(scratch_name)
         status("measuring the original model")
+        example = work.evaluation[0].slice(recipe.batch)
         orig_dir = scratch / "original"
         save_artifact(work.model, orig_dir, source=work.source, recipe={}, metrics=None)
-        original = measure(work.model, work, recipe, _weights_bytes(orig_dir), scratch)
-        original.metric, orig_secondary, ref = quality(work, work.model, None)
+        orig_deployed = deploy(work.model, example, recipe.runtime, recipe.threads, scratch / "orig.onnx")
+        original = measure(orig_deployed, work, recipe, _weights_bytes(orig_dir))
+        original.metric, orig_secondary, ref = quality(work, orig_deployed, None)
 
         t0 = time.perf_counter()
         compressed_model, notes = apply_stages(work.model, recipe, work)
         stage_seconds = time.perf_counter() - t0
-        value, comp_secondary, outputs = quality(work, compressed_model, ref)
+        check_finite(compressed_model, [])
+        deployed = deploy(compressed_model, example, recipe.runtime, recipe.threads,
+                          scratch / "compressed.onnx")
+        value, comp_secondary, outputs = quality(work, deployed, ref)
         check_finite(compressed_model, outputs)
 
         art_dir = scratch / "artifact"
         save_artifact(compressed_model, art_dir, source=work.source, recipe=recipe.to_dict())
-        compressed = measure(compressed_model, work, recipe, _weights_bytes(art_dir), scratch)
+        compressed = measure(deployed, work, recipe, _weights_bytes(art_dir))
         compressed.metric = value
         metrics = build_metrics(recipe.model, recipe.to_dict(), recipe.runtime, recipe.threads,
                                 recipe.batch, work.metric, original, compressed, stage_seconds)
@@ -315,7 +356,7 @@ def compress(
         result = Result(compressed_model, metrics, secondary, notes, None)
         failure = _drop_failure(metrics, max_drop)
         if out is not None and (failure is None or keep_failed):
-            result.out = _write_dir(Path(out), force, result, recipe, work, scratch)
+            result.out = _write_dir(Path(out), force, result, recipe, work, deployed)
         status(f"done in {time.perf_counter() - start:.1f} s")
     if failure is not None:
         raise failure
@@ -347,7 +388,7 @@ def _drop_failure(metrics: dict[str, Any], max_drop: float | None) -> Constraint
 
 
 def _write_dir(
-    out: Path, force: bool, result: Result, recipe: Recipe, work: Workload, scratch: Path
+    out: Path, force: bool, result: Result, recipe: Recipe, work: Workload, deployed: Deployed
 ) -> Path:
     from netpress.export.artifact import save_artifact
     from netpress.export.onnx import export_onnx, verify_onnx
@@ -356,8 +397,11 @@ def _write_dir(
     with atomic_dir(out, force) as tmp:
         extra = []
         if "onnx" in recipe.export:
-            onnx_path = export_onnx(result.model, work.evaluation[0].slice(recipe.batch),
-                                    tmp / "model.onnx")
+            onnx_path = tmp / "model.onnx"
+            if deployed.onnx_path is not None:  # the very file the metrics were measured on
+                shutil.copyfile(deployed.onnx_path, onnx_path)
+            else:
+                export_onnx(result.model, work.evaluation[0].slice(recipe.batch), onnx_path)
             diff = verify_onnx(result.model, onnx_path, work.evaluation[:1])
             result.notes["onnx_max_abs_diff"] = diff
             extra.append(onnx_path)
@@ -379,9 +423,13 @@ def evaluate_dir(path: str | Path) -> dict[str, Any]:
     recipe = Recipe.from_dict(manifest["recipe"])
     model = load(path)
     work = resolve_workload(recipe)
-    _, _, ref = quality(work, work.model, None)
-    value, secondary, _ = quality(work, model, ref)
-    return {"metric_name": work.metric, "metric": value, **secondary}
+    example = work.evaluation[0].slice(recipe.batch)
+    with tempfile.TemporaryDirectory(prefix="netpress-eval-") as scratch:
+        _, _, ref = quality(work, deploy(work.model, example, recipe.runtime, recipe.threads,
+                                         Path(scratch) / "orig.onnx"), None)
+        value, secondary, _ = quality(work, deploy(model, example, recipe.runtime, recipe.threads,
+                                                   Path(scratch) / "reloaded.onnx"), ref)
+    return {"metric_name": work.metric, "metric": value, "runtime": recipe.runtime, **secondary}
 
 
-__all__ = ["compress", "evaluate_dir", "Result", "Workload", "resolve_workload", "atomic_dir"]
+__all__ = ["compress", "evaluate_dir", "Result", "Workload", "resolve_workload", "atomic_dir", "deploy"]
