@@ -63,7 +63,7 @@ class _Fields(BaseModel):
     data: str | None = Field(default=None, max_length=4096)
     metric: Literal["accuracy", "top1_agreement", "kl", "cosine"] | None = None
     stages: list[Any] = Field(default_factory=list, max_length=64)
-    export: list[Literal["artifact", "onnx"]] = Field(default_factory=lambda: ["artifact"])
+    export: list[Literal["artifact", "onnx"]] = Field(default_factory=lambda: ["artifact"])  # type: ignore[arg-type]
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
     threads: int = Field(default=2, ge=1, le=256)

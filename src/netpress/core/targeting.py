@@ -83,12 +83,12 @@ def select(
                 f"{where}[{i}]", got=p, expected="a module class or name present in the model",
                 fix="`netpress inspect` lists module names; use 're:' for a regex",
             )
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or any(matches(name, module, p) for p in ignore):
             continue
         if targets is None:
-            if isinstance(module, tuple(default)):
+            if any(isinstance(module, cls) for cls in default):
                 out.append((name, module))
         elif any(matches(name, module, p) for p in targets):
             out.append((name, module))
