@@ -171,3 +171,5 @@ def _load_builtin() -> None:
     _LOADED = True
     import netpress.prune  # noqa: F401
     import netpress.quantize  # noqa: F401
+    import netpress.distill  # noqa: F401
+    import netpress.lowrank  # noqa: F401

@@ -10,6 +10,7 @@ Example:
     'QuantLinear'
 """
 
+from netpress.nn.shared import SharedConv, SharedLinear  # noqa: F401  (A4 weight sharing)
 from netpress.nn.quant import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantLinear
 from netpress.nn.registry import (
     TORCH_MODULES,

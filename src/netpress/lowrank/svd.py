@@ -1,0 +1,122 @@
+"""SVD of Linear layers (SPEC L1): ``lowrank: {method: svd, energy: 0.9 | ratio: 0.5 | rank: 64}``.
+
+``W (O, I) ≈ U_r·Σ_r·V_rᵀ`` becomes two plain Linear layers ``Sequential(Linear(I, r, bias=False),
+Linear(r, O))`` with weights ``√Σ_r·V_rᵀ (r, I)`` and ``U_r·√Σ_r (O, r)`` (the bias stays on the
+second). The rank comes from exactly one of
+
+  * ``energy``: the smallest ``r`` keeping that fraction of ``Σ σ_i²``;
+  * ``ratio``: the largest ``r`` with ``r·(I + O) <= ratio·I·O`` (the layer keeps ``ratio`` of its
+    weights);
+  * ``rank``: a fixed ``r`` (more than ``min(O, I)`` is a :class:`RecipeError` naming the layer).
+
+A layer whose chosen rank saves nothing (``r·(I+O) >= I·O``) is left dense and listed in the report.
+The result reloads from the artifact (plain ``Sequential``/``Linear`` specs).
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from netpress.api import apply
+    >>> _ = torch.manual_seed(0)
+    >>> m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    >>> out = apply("lowrank", m, {"method": "svd", "ratio": 0.5, "targets": ["0"]})
+    >>> [type(l).__name__ for l in out[0]], out[0][0].out_features   # 16·128 <= 0.5·4096
+    (['Linear', 'Linear'], 16)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field, model_validator
+
+from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.core.errors import RecipeError
+from netpress.core.targeting import select
+from netpress.lowrank.common import energy_rank, recover, set_module
+from netpress.train.loop import TrainConfig
+
+
+class SvdConfig(TechniqueConfig):
+    """Config of ``lowrank: {method: svd}``.
+
+    Attributes:
+        energy: keep this fraction of the squared singular values, in (0, 1].
+        ratio: keep this fraction of each layer's weights, in (0, 1).
+        rank: a fixed rank for every targeted layer.
+        targets, ignore: module patterns (default targets: every Linear).
+        finetune: optional :class:`TrainConfig` run after decomposition.
+    """
+
+    method: Literal["svd"] = "svd"
+    energy: float | None = Field(default=None, gt=0, le=1)
+    ratio: float | None = Field(default=None, gt=0, lt=1)
+    rank: int | None = Field(default=None, ge=1)
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+    finetune: TrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> SvdConfig:
+        if sum(v is not None for v in (self.energy, self.ratio, self.rank)) != 1:
+            raise ValueError("give exactly one of energy, ratio or rank")
+        return self
+
+
+def svd_rank(sigma: torch.Tensor, out_f: int, in_f: int, config: SvdConfig, name: str) -> int:
+    """The rank for one layer (see the module doc).
+
+    Raises:
+        RecipeError: a fixed rank larger than ``min(O, I)``.
+    """
+    full = min(out_f, in_f)
+    if config.rank is not None:
+        if config.rank > full:
+            raise RecipeError(f"lowrank.rank for layer {name!r}", got=config.rank,
+                              expected=f"at most min(out, in) = {full} for its ({out_f}, {in_f}) weight",
+                              fix=f"lower the rank, use ratio/energy, or add {name!r} to ignore")
+        return config.rank
+    if config.energy is not None:
+        return min(full, energy_rank(sigma, config.energy))
+    assert config.ratio is not None
+    return max(1, min(full, int(config.ratio * out_f * in_f // (out_f + in_f))))
+
+
+def factorize_linear(lin: nn.Linear, rank: int) -> nn.Sequential:
+    """``Sequential(Linear(I, r, bias=False), Linear(r, O))`` from the rank-``r`` truncated SVD."""
+    w = lin.weight.detach().double()  # (O, I)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (O, k), (k,), (k, I)
+    root = s[:rank].sqrt()
+    first = nn.Linear(lin.in_features, rank, bias=False)
+    second = nn.Linear(rank, lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_((root[:, None] * vh[:rank]).float())  # (r, I)
+        second.weight.copy_((u[:, :rank] * root[None, :]).float())  # (O, r)
+        if lin.bias is not None:
+            second.bias.copy_(lin.bias.detach())
+    return nn.Sequential(first, second)
+
+
+@register("lowrank", "svd", SvdConfig,
+          summary="SVD of Linear layers into two thin Linears; rank from energy, ratio or fixed")
+def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
+    """Registered handler: factorise every targeted Linear (see the module doc)."""
+    assert isinstance(config, SvdConfig)
+    chosen = [(n, m) for n, m in select(model, config.targets, config.ignore, default=(nn.Linear,),
+                                        where="lowrank.targets") if isinstance(m, nn.Linear)]
+    ranks, kept = {}, []
+    for name, lin in chosen:
+        out_f, in_f = lin.weight.shape
+        sigma = torch.linalg.svdvals(lin.weight.detach().double())  # (min(O, I),)
+        r = svd_rank(sigma, out_f, in_f, config, name)
+        if r * (out_f + in_f) >= out_f * in_f:
+            kept.append(name)
+            continue
+        set_module(model, name, factorize_linear(lin, r))
+        ranks[name] = r
+    ctx.report.update(ranks=ranks, left_dense=kept)
+    ctx.report.update(recover(model, ctx, config.finetune, "lowrank"))
+    return model
+
+
+__all__ = ["SvdConfig", "factorize_linear", "lowrank_svd", "svd_rank"]

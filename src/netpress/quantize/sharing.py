@@ -1,0 +1,111 @@
+"""Weight sharing + entropy coding (Deep Compression, Han et al. 2016): ``quantize: {method:
+weight_sharing, bits: 5}``.
+
+Every targeted Linear / Conv1d / Conv2d becomes a :class:`netpress.nn.shared.SharedLinear` /
+``SharedConv``: a per-layer k-means codebook of ``2^bits`` fp16 centroids (index 0 is the exact
+zero when the layer was pruned, so sparsity survives) and one index per weight, the index stream
+entropy-coded (zlib / bz2 / LZMA, whichever is smallest) in the artifact and decoded at load. After
+pruning, the stream of mostly-zero indices compresses far below ``bits`` per weight.
+
+BatchNorm layers that directly follow a conv inside an ``nn.Sequential`` are folded into it first
+(``fold_bn``), so the artifact holds no separate BN tensors.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from netpress.api import quantize
+    >>> _ = torch.manual_seed(0)
+    >>> m = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> q = quantize(m, {"method": "weight_sharing", "bits": 4})
+    >>> type(q[0]).__name__, len(q[0].weight.unique()) <= 16
+    ('SharedLinear', True)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.core.targeting import select
+from netpress.nn.shared import SharedConv, SharedLinear
+
+_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class WeightSharingConfig(TechniqueConfig):
+    """Config of ``quantize: {method: weight_sharing}``.
+
+    Attributes:
+        bits: codebook size ``2^bits`` for Linear layers (Han et al.: 5 for fully-connected).
+        conv_bits: codebook bits for convs (default: ``bits``; Han et al. used 8).
+        fold_bn: fold BatchNorm into the preceding conv first.
+        targets, ignore: module patterns (default: Linear, Conv1d, Conv2d).
+    """
+
+    method: Literal["weight_sharing"] = "weight_sharing"
+    bits: int = Field(default=5, ge=1, le=8)
+    conv_bits: int | None = Field(default=None, ge=1, le=8)
+    fold_bn: bool = True
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+
+
+def fold_batchnorm(model: nn.Module) -> list[str]:
+    """Fold every ``BatchNorm`` that directly follows a conv in an ``nn.Sequential`` (eval stats).
+
+    Returns:
+        The folded BN module names (each replaced by ``nn.Identity``).
+    """
+    folded = []
+    for pname, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        keys = list(parent._modules)
+        for a, b in zip(keys, keys[1:], strict=False):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if not (isinstance(conv, (nn.Conv1d, nn.Conv2d)) and
+                    isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.track_running_stats
+                    and bn.num_features == conv.out_channels):
+                continue
+            with torch.no_grad():
+                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+                    bn.running_var + bn.eps)  # (O,)
+                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+                new_bias = (bias - bn.running_mean) * scale + shift  # (O,)
+                conv.bias = nn.Parameter(new_bias.detach().clone())
+            parent._modules[b] = nn.Identity()
+            folded.append(f"{pname}.{b}" if pname else b)
+    return folded
+
+
+@register("quantize", "weight_sharing", WeightSharingConfig,
+          summary="Deep Compression weight sharing: per-layer k-means codebook (2^bits), "
+                  "entropy-coded indices (zlib/bz2/lzma), pruned zeros kept")
+def quantize_weight_sharing(model: nn.Module, config: TechniqueConfig,
+                            ctx: StageContext) -> nn.Module:
+    """Registered handler (see the module doc)."""
+    assert isinstance(config, WeightSharingConfig)
+    model.eval()
+    folded = fold_batchnorm(model) if config.fold_bn else []
+    layers = {}
+    for name, m in select(model, config.targets, config.ignore, default=_TARGETS,
+                          where="quantize.targets"):
+        if isinstance(m, nn.Linear):
+            new: nn.Module = SharedLinear.from_float(m, config.bits)
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding_mode == "zeros":
+            new = SharedConv.from_float(m, config.conv_bits or config.bits)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        layers[name] = {"bytes": new.nbytes, "codec": new.codec}
+    ctx.report.update(folded_bn=folded, layers=layers)
+    return model
+
+
+__all__ = ["WeightSharingConfig", "fold_batchnorm", "quantize_weight_sharing"]
