@@ -13,6 +13,7 @@ Example:
 from netpress.nn.shared import SharedConv, SharedLinear  # noqa: F401  (A4 weight sharing)
 from netpress.nn.quant import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantLinear
 from netpress.nn.qat import PackedConv1d, PackedConv2d, PackedLinear  # noqa: F401  (Q5/Q7/Q8/Q9)
+from netpress.nn.structured import PrunedBertSelfAttention  # noqa: F401  (P4 heads)
 from netpress.nn.registry import (
     TORCH_MODULES,
     build_module,
