@@ -33,7 +33,7 @@ SUITES: dict[str, list[str]] = {
     "magnitude": ["netpress.bench.magnitude:run"],
     "quantize": [],
     "prune": ["netpress.bench.prune_structured:run"],
-    "distill": [],
+    "distill": ["netpress.bench.distill:run"],
 }
 
 
