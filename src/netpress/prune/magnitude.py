@@ -36,12 +36,13 @@ from pydantic import Field, model_validator
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import RecipeError
 from netpress.core.targeting import select
+from netpress.prune.options import GradualFields, NMFields
 from netpress.quantize.qscheme import check_finite
 
 DEFAULT_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-class MagnitudePruneConfig(TechniqueConfig):
+class MagnitudePruneConfig(NMFields, GradualFields, TechniqueConfig):
     """Config of ``magnitude`` pruning.
 
     Attributes:
@@ -50,6 +51,10 @@ class MagnitudePruneConfig(TechniqueConfig):
         scope: ``layer`` (each layer gets ``sparsity``) or ``global`` (ranked together).
         targets: module patterns whose ``weight`` is pruned (default: Linear, Conv1d, Conv2d).
         ignore: module patterns left untouched.
+        n, m: N:M semi-structured mode (SPEC P5), also spelled ``sparsity: "2:4"``.
+        schedule: ``cubic`` prunes gradually while fine-tuning (SPEC P6, see
+            :mod:`netpress.prune.schedule`, with ``initial_sparsity``, ``prune_steps``,
+            ``prune_end``, ``finetune``).
     """
 
     method: Literal["magnitude"] = "magnitude"
@@ -61,9 +66,10 @@ class MagnitudePruneConfig(TechniqueConfig):
 
     @model_validator(mode="after")
     def _one_mode(self) -> MagnitudePruneConfig:
-        if (self.sparsity is None) == (self.threshold is None):
-            raise ValueError("exactly one of `sparsity` (a fraction in [0, 1)) or `threshold` "
-                             "(|w| below it is zeroed); e.g. sparsity: 0.5")
+        modes = (self.sparsity is not None) + (self.threshold is not None) + (self.n is not None)
+        if modes != 1:
+            raise ValueError("exactly one of `sparsity` (a fraction in [0, 1), or 'N:M' such as "
+                             "'2:4') or `threshold` (|w| below it is zeroed); e.g. sparsity: 0.5")
         return self
 
 
@@ -160,9 +166,17 @@ def prune_magnitude(model: nn.Module, config: TechniqueConfig, ctx: StageContext
         [[0.0, -2.0, 0.30000001192092896, 4.0], [0.0, 1.0, 0.0, 0.0]]
     """
     assert isinstance(config, MagnitudePruneConfig)
+    if config.schedule is not None:  # SPEC P6: gradual, with fine-tuning
+        from netpress.prune.schedule import run_gradual
+
+        return run_gradual(model, config, ctx)
     targets = _targets(model, config)
     weights = [w for _, w in targets]
-    if config.threshold is not None:
+    if config.nm is not None:  # SPEC P5: keep the n largest |w| of every m
+        from netpress.prune.nm import nm_mask
+
+        masks = [nm_mask(w.detach().abs(), config.nm[0], config.nm[1], name) for name, w in targets]
+    elif config.threshold is not None:
         tau = float(config.threshold)
         masks = [w.detach().abs() >= tau for w in weights]
     elif config.scope == "global":
@@ -179,7 +193,7 @@ def prune_magnitude(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     n = sum(v["numel"] for v in layers.values())
     zeros = sum(v["zeros"] for v in layers.values())
     ctx.report["magnitude"] = {
-        "mode": "threshold" if config.threshold is not None else "sparsity",
+        "mode": "threshold" if config.threshold is not None else "n:m" if config.nm else "sparsity",
         "scope": config.scope, "layers": layers, "sparsity": zeros / n if n else 0.0,
     }
     return model

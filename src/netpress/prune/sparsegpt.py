@@ -1,0 +1,229 @@
+"""SparseGPT (Frantar & Alistarh 2023, SPEC P3): OBS row updates with the layer Hessian.
+
+Layers are processed one at a time, in definition order. For each layer a pre-forward hook
+captures its inputs ``X`` while the calibration batches run through the *already pruned* earlier
+layers (the forward pass stops right after the layer, and the hook is removed); the layer Hessian
+is ``H = 2/N · XᵀX`` (padding tokens excluded; conv inputs unfolded into patches). Then the
+standard blocked algorithm with lazy updates runs on ``W (rows, cols)``:
+
+  * dampen ``H += λ·mean(diag H)·I`` and take ``U = chol(H⁻¹)ᵀ`` (upper Cholesky of the inverse);
+  * for each block of ``blocksize`` columns, choose the mask inside the block (adaptive: the
+    ``p`` fraction of ``w²/U_jj²`` lowest of the block, or N:M per group of M columns);
+  * column by column, zero the pruned weights and spread their error over the remaining
+    columns of the block: ``W[:, j:] -= (err_j) ⊗ U[j, j:]`` with ``err_j = (w_j - q_j)/U_jj``;
+  * after the block, apply the accumulated error to all later columns at once (lazy update).
+
+Example:
+    >>> import torch, torch.nn as nn, netpress
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(16, 8))
+    >>> X = torch.randn(256, 16)
+    >>> pruned = netpress.prune(model, {"method": "sparsegpt", "sparsity": 0.5}, data=X)
+    >>> int((pruned[0].weight == 0).sum())
+    64
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field, model_validator
+
+from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.core.errors import RecipeError
+from netpress.core.progress import track
+from netpress.prune.nm import check_nm_shape
+from netpress.prune.options import NMFields
+from netpress.prune.scores import calibration_data, capture_inputs, prunable, summary
+
+
+class SparseGPTPruneConfig(NMFields, TechniqueConfig):
+    """Config of ``sparsegpt`` pruning.
+
+    Attributes:
+        sparsity: fraction removed per layer in [0, 1), or ``"2:4"`` / ``"4:8"`` (``n``, ``m``).
+        blocksize: columns per lazy-update block (also the adaptive-mask block).
+        damp: dampening ``λ`` as a fraction of ``mean(diag H)``.
+        max_batches: use at most this many calibration batches.
+        targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
+    """
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    blocksize: int = Field(default=128, ge=1, le=65536)
+    damp: float = Field(default=0.01, gt=0.0, le=1.0)
+    max_batches: int | None = Field(default=None, ge=1)
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> SparseGPTPruneConfig:
+        if (self.sparsity is None) == (self.n is None):
+            raise ValueError("give exactly one of `sparsity` (e.g. 0.5) or an N:M pattern "
+                             "(sparsity: '2:4')")
+        if self.nm is not None and self.blocksize % self.nm[1]:
+            raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]}")
+        return self
+
+
+def layer_hessian(
+    model: nn.Module, name: str, module: nn.Module, batches: list
+) -> tuple[torch.Tensor, int]:
+    """``H = 2/N · XᵀX`` of one layer's inputs ``X (N, cols)`` (float64 accumulation).
+
+    Returns:
+        ``(H (cols, cols) float32, N)``.
+
+    Raises:
+        RecipeError: the calibration forward pass never reaches the layer.
+    """
+    state: dict[str, object] = {"n": 0, "h": None}
+
+    def add(_: str, rows: torch.Tensor) -> None:  # rows (N, cols)
+        r = rows.to(torch.float64)
+        h = r.T @ r  # (cols, cols)
+        state["h"] = h if state["h"] is None else state["h"] + h  # type: ignore[operator]
+        state["n"] = int(state["n"]) + r.shape[0]  # type: ignore[call-overload]
+
+    capture_inputs(model, [(name, module)], batches, add, stop_after=True)
+    if state["h"] is None or not state["n"]:
+        raise RecipeError(name, got="a layer the calibration forward pass never reached",
+                          expected="layers used by model(inputs)", fix=f"add {name!r} to `ignore`")
+    n = int(state["n"])  # type: ignore[call-overload]
+    return (2.0 / n * state["h"]).to(torch.float32), n  # type: ignore[operator]
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, float]:
+    """Prune one weight matrix with OBS updates; the input tensors are not modified.
+
+    Args:
+        weight: ``(rows, cols)`` (a conv weight flattened with ``flatten(1)``).
+        hessian: ``(cols, cols)`` layer Hessian ``2/N·XᵀX``.
+        sparsity: fraction zeroed (per block of columns), or ``nm`` = ``(n, m)`` kept per group.
+        blocksize: lazy-update block width.
+        damp: dampening fraction of ``mean(diag H)``.
+
+    Returns:
+        ``(pruned weight (rows, cols) float32, reconstruction loss Σ err²/2)``.
+
+    Example:
+        >>> W = torch.randn(4, 8); X = torch.randn(100, 8)
+        >>> Q, _ = sparsegpt_prune(W, 2 / 100 * X.T @ X, sparsity=0.5)
+        >>> int((Q == 0).sum())
+        16
+    """
+    W = weight.detach().clone().to(torch.float32)  # (rows, cols)
+    H = hessian.detach().clone().to(torch.float32)  # (cols, cols)
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0  # inputs that are always zero: their weights are free to drop
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    idx = torch.arange(cols)
+    H[idx, idx] += damp * torch.mean(torch.diag(H))
+    Hinv = _upper_chol_inverse(H)  # (cols, cols), upper triangular
+    loss = torch.zeros(rows)
+    mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()  # (rows, B)
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
+        d1 = torch.diag(Hinv1)  # (B,)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if nm is None:
+            tmp = W1.square() / d1.reshape(1, -1).square()  # OBS saliency w²/[H⁻¹]_jj²
+            k = int(tmp.numel() * float(sparsity or 0.0))
+            if k > 0:
+                order = torch.argsort(tmp.reshape(-1), stable=True)[:k]
+                mask1.view(-1)[order] = True
+        for i in range(count):
+            w = W1[:, i]  # (rows,)
+            d = Hinv1[i, i]
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                tmp = W1[:, i:i + m].square() / d1[i:i + m].reshape(1, -1).square()  # (rows, m)
+                drop = torch.topk(tmp, m - n, dim=1, largest=False).indices  # (rows, m-n)
+                mask1.scatter_(1, i + drop, True)
+            q = w.clone()
+            q[mask1[:, i]] = 0.0
+            Q1[:, i] = q
+            loss += (w - q).square() / d.square() / 2
+            err = (w - q) / d  # (rows,)
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # (rows, B-i)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the later columns
+    W[mask] = 0.0  # exact zeros (never -0.0 from the updates)
+    return W.masked_fill(W == 0, 0.0), float(loss.sum())
+
+
+def _upper_chol_inverse(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H⁻¹``, adding more damping if ``H`` is not positive definite."""
+    eye = torch.eye(H.shape[0])
+    extra = 0.0
+    for _ in range(8):
+        try:
+            L = torch.linalg.cholesky(H + extra * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True)
+        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+            extra = max(extra * 10, 1e-6 * float(torch.diag(H).abs().mean()) + 1e-8)
+    raise RecipeError("sparsegpt", got="a layer Hessian that is not positive definite",
+                      expected="calibration inputs that span the layer's input space",
+                      fix="raise `damp` (e.g. 0.1) or use more calibration data")
+
+
+@register("prune", "sparsegpt", SparseGPTPruneConfig,
+          summary="SparseGPT: OBS updates with the layer Hessian XᵀX, one layer at a time")
+def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
+    """Prune the targeted layers one at a time with SparseGPT, in place.
+
+    Args:
+        model: modified and returned (kept weights are updated, pruned ones are exact zeros).
+        config: a :class:`SparseGPTPruneConfig`.
+        ctx: ``ctx.data`` holds the calibration batches; ``ctx.report["sparsegpt"]`` gets the
+            per-layer zeros, reconstruction losses and seconds.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        DataError: no calibration data. RecipeError: bad targets, an unsupported layer, or N:M on
+            an input size not divisible by M (names the layer and the ``ignore`` fix).
+    """
+    assert isinstance(config, SparseGPTPruneConfig)
+    modules = prunable(model, config.targets, config.ignore, "prune.sparsegpt")
+    batches = calibration_data(ctx, "sparsegpt")[: config.max_batches]
+    if config.nm is not None:
+        for name, m in modules:
+            check_nm_shape(tuple(m.weight.shape), config.nm[1], name)
+    layers, losses = {}, {}
+    start = time.perf_counter()
+    for name, module in track(modules, "sparsegpt layers"):
+        H, _ = layer_hessian(model, name, module, batches)
+        w = module.weight
+        W, err = sparsegpt_prune(w.detach().reshape(w.shape[0], -1), H, config.sparsity,
+                                 config.nm, config.blocksize, config.damp)
+        with torch.no_grad():
+            w.copy_(W.reshape(w.shape).to(w.dtype))
+        layers[name] = {"numel": w.numel(), "zeros": int((w == 0).sum())}
+        losses[name] = err
+    ctx.report["sparsegpt"] = summary(layers, reconstruction_loss=losses,
+                                      seconds=time.perf_counter() - start,
+                                      nm=f"{config.n}:{config.m}" if config.nm else None)
+    return model
+
+
+__all__ = ["SparseGPTPruneConfig", "layer_hessian", "prune_sparsegpt", "sparsegpt_prune"]

@@ -1,0 +1,123 @@
+"""Wanda (Sun et al. 2023, SPEC P3): prune by ``|w_ij| · ‖x_j‖₂`` within each output row.
+
+One calibration pass with a pre-forward hook on every targeted layer accumulates the squared norm
+of each input feature over all (non-padding) tokens; then each output row loses its ``floor(p·in)``
+lowest-scoring weights (``scope: row``, the paper's comparison group), or the scores are ranked per
+layer / globally, or by N:M groups. No weight update, no fine-tuning.
+
+Example:
+    >>> import torch, torch.nn as nn, netpress
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(8, 4))
+    >>> X = torch.randn(32, 8) * torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 0.01])
+    >>> pruned = netpress.prune(model, {"method": "wanda", "sparsity": 0.5}, data=X)
+    >>> (pruned[0].weight[:, 0] != 0).all().item(), (pruned[0].weight[:, 7] == 0).all().item()
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field, model_validator
+
+from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.prune.nm import check_nm_shape
+from netpress.prune.options import NMFields
+from netpress.prune.scores import (
+    apply_masks,
+    calibration_data,
+    capture_inputs,
+    masks_from_scores,
+    prunable,
+    row_masks,
+    summary,
+)
+
+
+class WandaPruneConfig(NMFields, TechniqueConfig):
+    """Config of ``wanda`` pruning.
+
+    Attributes:
+        sparsity: fraction removed in [0, 1), or ``"2:4"`` / ``"4:8"`` (also ``n``, ``m``).
+        scope: ``row`` (per output row, the paper's choice), ``layer`` or ``global``.
+        max_batches: use at most this many calibration batches.
+        targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
+    """
+
+    method: Literal["wanda"] = "wanda"
+    scope: Literal["row", "layer", "global"] = "row"
+    max_batches: int | None = Field(default=None, ge=1)
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> WandaPruneConfig:
+        if (self.sparsity is None) == (self.n is None):
+            raise ValueError("give exactly one of `sparsity` (e.g. 0.5) or an N:M pattern "
+                             "(sparsity: '2:4')")
+        return self
+
+
+def input_norms(
+    model: nn.Module, modules: list[tuple[str, nn.Module]], batches: list
+) -> dict[str, torch.Tensor]:
+    """``‖x_j‖₂`` of every input column of every layer over all calibration rows: ``(in·k,)``."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def add(name: str, rows: torch.Tensor) -> None:  # rows (N, cols)
+        s = rows.square().sum(0, dtype=torch.float64)  # (cols,)
+        sq[name] = sq[name] + s if name in sq else s
+
+    capture_inputs(model, modules, batches, add)
+    return {k: v.sqrt().to(torch.float32) for k, v in sq.items()}
+
+
+@register("prune", "wanda", WandaPruneConfig,
+          summary="Wanda: |w|·‖x‖ per output row from one calibration pass (no weight update)")
+def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
+    """Zero the weights with the lowest ``|w|·‖x‖`` in each output row (or N:M group), in place.
+
+    Args:
+        model: modified and returned.
+        config: a :class:`WandaPruneConfig`.
+        ctx: ``ctx.data`` holds the calibration batches.
+
+    Returns:
+        ``model`` with exact zeros.
+
+    Raises:
+        DataError: no calibration data. RecipeError: bad targets, a layer the calibration never
+            reached, or N:M on an input size not divisible by M (names the layer and the fix).
+    """
+    assert isinstance(config, WandaPruneConfig)
+    modules = prunable(model, config.targets, config.ignore, "prune.wanda")
+    batches = calibration_data(ctx, "wanda")[: config.max_batches]
+    if config.nm is not None:
+        for name, m in modules:
+            check_nm_shape(tuple(m.weight.shape), config.nm[1], name)
+    norms = input_norms(model, modules, batches)
+    scores = []
+    for name, module in modules:
+        if name not in norms:
+            from netpress.core.errors import RecipeError
+
+            raise RecipeError(name, got="a layer the calibration forward pass never called",
+                              expected="layers used by model(inputs)",
+                              fix=f"add {name!r} to `ignore`")
+        w = module.weight.detach().to(torch.float32)
+        scores.append((name, w.abs() * norms[name].reshape(1, -1).reshape(
+            (1,) + tuple(w.shape[1:]))))  # (out, in, *k)
+    if config.nm is None and config.scope == "row":
+        masks = [row_masks(s, float(config.sparsity or 0.0)) for _, s in scores]
+    else:
+        masks = masks_from_scores(scores, config.sparsity, config.scope, config.nm)
+    layers = apply_masks(modules, masks)
+    ctx.report["wanda"] = summary(layers, scope=config.scope, batches=len(batches),
+                                  nm=f"{config.n}:{config.m}" if config.nm else None)
+    return model
+
+
+__all__ = ["WandaPruneConfig", "input_norms", "prune_wanda"]
