@@ -4,3 +4,5 @@ from netpress.prune.magnitude import MagnitudePruneConfig, keep_masks, prune_cou
 from netpress.prune import structured  # noqa: E402, F401, I001  (P4 structured)
 
 __all__ = ["MagnitudePruneConfig", "keep_masks", "prune_count", "prune_magnitude"]
+
+from netpress.prune import gradient, lottery, regularize, sparsegpt, wanda  # noqa: E402, F401
