@@ -310,7 +310,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
     Example:
         >>> import torch, torch.nn as nn
         >>> m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3)).eval()
-        >>> m[1].running_mean.fill_(0.5); x = torch.randn(1, 2, 8); ref = m(x)
+        >>> _ = m[1].running_mean.fill_(0.5); x = torch.randn(1, 2, 8); ref = m(x)
         >>> fold_batchnorm(m), bool(torch.allclose(m(x), ref, atol=1e-6))
         (['0'], True)
     """
