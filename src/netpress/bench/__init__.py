@@ -32,7 +32,7 @@ ROW_KEYS = ("suite", "case", "tool", "method", "metric_name", "metric", "size_by
 SUITES: dict[str, list[str]] = {
     "magnitude": ["netpress.bench.magnitude:run"],
     "quantize": [],
-    "prune": ["netpress.bench.prune_structured:run"],
+    "prune": ["netpress.bench.prune_structured:run", "netpress.bench.prune_unstructured:run"],
     "distill": ["netpress.bench.distill:run"],
 }
 

@@ -1,0 +1,226 @@
+"""``netpress bench prune`` (unstructured part): SparseGPT / Wanda / magnitude on MiniLM, gradual
+pruning of the digits and MNIST-1D CNNs vs ``torch.nn.utils.prune``, and the lottery ticket.
+
+Cases (quality always on the held-out ``evaluation`` split; calibration / training on the other
+splits; anchors run in this process on the same models and data):
+
+* ``minilm_50pct_*`` / ``minilm_2of4_*``: one-shot, no fine-tuning; mean cosine of the mean-pooled
+  sentence embeddings to the dense model. Anchor: ``torch.nn.utils.prune.l1_unstructured``.
+* ``digits_90pct_*`` / ``mnist1d_90pct_*``: 90% of the conv/linear weights (global), netpress
+  cubic schedule + fine-tuning vs ``torch.nn.utils.prune.global_unstructured`` one-shot; accuracy
+  and artifact bytes (bitmask + values) vs dense.
+* ``mnist1d_lottery_*``: ticket (80% pruned, rewound, retrained) vs the same mask on a fresh random
+  init vs the dense network trained the same way; 3 seeds, mean and per-seed in the notes.
+
+Example:
+    >>> from netpress.bench.prune_unstructured import run  # doctest: +SKIP
+    >>> rows = run(quick=True)
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from netpress.bench import row
+from netpress.core.config import StageContext, get_technique, parse_config
+
+SUITE = "prune"
+
+
+def _bytes(model: nn.Module, name: str) -> int:
+    from netpress.export.artifact import save_artifact
+
+    with tempfile.TemporaryDirectory(prefix="netpress-bench-") as d:
+        save_artifact(model, Path(d) / "a", source={"kind": "zoo", "name": name}, recipe={})
+        return sum(p.stat().st_size for p in (Path(d) / "a").glob("*.safetensors"))
+
+
+def _apply(model: nn.Module, cfg: dict[str, Any], data: list, original: nn.Module,
+           train: list | None = None, seed: int = 0) -> tuple[nn.Module, float, dict]:
+    conf = parse_config("prune", cfg)
+    ctx = StageContext(data=data, original=original, seed=seed,
+                       advanced={"train": train} if train else None)
+    t0 = time.perf_counter()
+    out = get_technique("prune", conf.method).handler(copy.deepcopy(model), conf, ctx)
+    return out.eval(), time.perf_counter() - t0, ctx.report
+
+
+def _sparsity(model: nn.Module) -> float:
+    ws = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def _row(case: str, tool: str, method: str, metric_name: str, metric: float, size: int,
+         seconds: float | None, notes: str, threads: int) -> dict[str, Any]:
+    return row(suite=SUITE, case=case, tool=tool, method=method, metric_name=metric_name,
+               metric=round(float(metric), 6), size_bytes=int(size), latency_ms=None,
+               speedup_vs_fp32=None,
+               compress_seconds=None if seconds is None else round(seconds, 2),
+               runtime="torch", threads=threads, batch=32, notes=notes)
+
+
+# ------------------------------------------------------------------------------------ MiniLM
+def minilm(quick: bool = False) -> list[dict[str, Any]]:
+    """One-shot 50% and 2:4 on all-MiniLM-L6-v2 (all encoder Linear layers)."""
+    from torch.nn.utils import prune as tprune
+
+    from netpress import zoo
+    from netpress.measure import collect_outputs, compute_metric
+
+    threads = torch.get_num_threads()
+    model = zoo.load_model("minilm")
+    bundle = zoo.load_data("sentences")
+    evaluation = bundle.evaluation[:4] if quick else bundle.evaluation
+    n_eval = sum(b.size for b in evaluation)
+    ref = collect_outputs(model, evaluation)
+
+    def cos(m: nn.Module) -> float:
+        return compute_metric("cosine", collect_outputs(m, evaluation), evaluation, ref)
+
+    base = f"{n_eval} held-out sentences; {sum(b.size for b in bundle.calibration)} calibration"
+    rows = [_row("minilm_dense", "netpress", "dense fp32", "cosine", 1.0, _bytes(model, "minilm"),
+                 None, base, threads)]
+    for case, spars in (("minilm_50pct", 0.5), ("minilm_2of4", "2:4")):
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            pruned, secs, _ = _apply(model, {"method": method, "sparsity": spars},
+                                     bundle.calibration, model)
+            rows.append(_row(f"{case}_{method}", "netpress", f"{method} {spars}", "cosine",
+                             cos(pruned), _bytes(pruned, "minilm"), secs,
+                             f"one-shot, no fine-tune; sparsity {_sparsity(pruned):.3f}; {base}",
+                             threads))
+    anchor = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    for m in anchor.modules():
+        if isinstance(m, nn.Linear):
+            tprune.l1_unstructured(m, "weight", amount=0.5)
+            tprune.remove(m, "weight")
+    secs = time.perf_counter() - t0
+    rows.append(_row("minilm_50pct_torch_l1", "torch.nn.utils.prune", "l1_unstructured 0.5",
+                     "cosine", cos(anchor), _bytes(anchor, "minilm"), secs,
+                     f"per-layer magnitude, the anchor; {base}", threads))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ CNNs
+def _accuracy(model: nn.Module, batches: list) -> float:
+    from netpress.measure import collect_outputs, compute_metric
+
+    return compute_metric("accuracy", collect_outputs(model, batches), batches)
+
+
+def cnn(data: str, name: str, quick: bool = False) -> list[dict[str, Any]]:
+    """90% global sparsity: netpress cubic schedule + fine-tune vs torch one-shot."""
+    from torch.nn.utils import prune as tprune
+
+    from netpress import zoo
+
+    threads = torch.get_num_threads()
+    model = zoo.load_model(name)
+    bundle = zoo.load_data(data)
+    ev = bundle.evaluation
+    dense_acc, dense_bytes = _accuracy(model, ev), _bytes(model, name)
+    n_ev = sum(b.size for b in ev)
+    rows = [_row(f"{data}_dense", "netpress", "dense fp32", "accuracy", dense_acc, dense_bytes,
+                 None, f"{n_ev} held-out examples", threads)]
+    epochs = 2 if quick else (15 if data == "digits" else 8)
+    cfg = {"method": "magnitude", "sparsity": 0.9, "scope": "global", "schedule": "cubic",
+           "prune_steps": 10, "prune_end": 0.6,
+           "finetune": {"epochs": epochs, "lr": 2e-3, "optimizer": "adam"}}
+    pruned, secs, rep = _apply(model, cfg, bundle.calibration, model, train=bundle.train)
+    acc = _accuracy(pruned, ev)
+    size = _bytes(pruned, name)
+    rows.append(_row(f"{data}_90pct_cubic", "netpress", "magnitude 0.9 global, cubic schedule",
+                     "accuracy", acc, size, secs,
+                     f"{epochs} fine-tune epochs on the train split; sparsity "
+                     f"{_sparsity(pruned):.3f}; drop {100 * (dense_acc - acc):.2f} pt; "
+                     f"{size / dense_bytes:.1%} of dense bytes", threads))
+    one, secs1, _ = _apply(model, {"method": "magnitude", "sparsity": 0.9, "scope": "global"},
+                           bundle.calibration, model)
+    acc1 = _accuracy(one, ev)
+    rows.append(_row(f"{data}_90pct_oneshot", "netpress", "magnitude 0.9 global, one-shot",
+                     "accuracy", acc1, _bytes(one, name), secs1,
+                     f"no fine-tune; drop {100 * (dense_acc - acc1):.2f} pt", threads))
+    anchor = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    params = [(m, "weight") for m in anchor.modules()
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+    tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=0.9)
+    for m, p in params:
+        tprune.remove(m, p)
+    secs2 = time.perf_counter() - t0
+    acc2 = _accuracy(anchor, ev)
+    rows.append(_row(f"{data}_90pct_torch_global", "torch.nn.utils.prune",
+                     "global_unstructured L1 0.9 one-shot", "accuracy", acc2,
+                     _bytes(anchor, name), secs2,
+                     f"the anchor; drop {100 * (dense_acc - acc2):.2f} pt", threads))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ lottery
+def lottery(quick: bool = False, seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict[str, Any]]:
+    """Lottery ticket on the MNIST-1D CNN: ticket vs random re-init vs dense, per seed."""
+    from netpress import zoo
+    from netpress.prune.lottery import random_reinit, ticket_masks, train_masked
+    from netpress.train.loop import TrainConfig
+    from netpress.zoo.trained import build_trained
+
+    threads = torch.get_num_threads()
+    bundle = zoo.load_data("mnist1d")
+    ev, train = bundle.evaluation, bundle.train
+    seeds = seeds[:1] if quick else seeds
+    epochs = 1 if quick else 6
+    ft = {"epochs": epochs, "lr": 3e-3, "optimizer": "adam"}
+    res: dict[str, list[float]] = {"dense": [], "ticket": [], "random": []}
+    secs_all, sizes, sparsity = 0.0, {}, 0.0
+    for seed in seeds:
+        torch.manual_seed(seed)
+        init = build_trained("mnist1d_cnn")  # θ0: fresh random weights
+        dense = copy.deepcopy(init)
+        ctx = StageContext(data=train, seed=seed)
+        train_masked(dense, {}, train, TrainConfig(seed=seed, **ft), ctx)
+        res["dense"].append(_accuracy(dense.eval(), ev))
+        cfg = {"method": "lottery", "sparsity": 0.8, "rounds": 2, "rewind_steps": 100,
+               "finetune": {**ft, "seed": seed}}
+        ticket, secs, rep = _apply(init, cfg, train, init, train=train, seed=seed)
+        secs_all += secs
+        res["ticket"].append(_accuracy(ticket, ev))
+        names = list(rep["lottery"]["layers"])
+        control = random_reinit(ticket, ticket_masks(ticket, names), seed=1000 + seed)
+        train_masked(control, ticket_masks(ticket, names), train, TrainConfig(seed=seed, **ft),
+                     StageContext(data=train, seed=seed))
+        res["random"].append(_accuracy(control.eval(), ev))
+        sparsity = rep["lottery"]["sparsity"]
+        sizes = {"dense": _bytes(dense, "mnist1d_cnn"), "ticket": _bytes(ticket, "mnist1d_cnn"),
+                 "random": _bytes(control, "mnist1d_cnn")}
+    rows = []
+    for key, method in (("dense", "dense, same training"),
+                        ("ticket", "lottery ticket 80% (2 rounds, rewind to step 100)"),
+                        ("random", "same mask, fresh random init")):
+        vals = res[key]
+        mean = sum(vals) / len(vals)
+        rows.append(_row(f"mnist1d_lottery_{key}", "netpress", method, "accuracy", mean,
+                         sizes[key], secs_all if key == "ticket" else None,
+                         f"mean of seeds {list(seeds)}: {[round(v, 4) for v in vals]}; "
+                         f"{epochs} epochs per training run; weights kept "
+                         f"{1 - (sparsity if key != 'dense' else 0):.3f}", threads))
+    return rows
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """All unstructured-pruning cases (see the module doc)."""
+    rows = []
+    rows += cnn("digits", "digits_cnn", quick)
+    rows += cnn("mnist1d", "mnist1d_cnn", quick)
+    rows += lottery(quick)
+    rows += minilm(quick)
+    return rows
+
+
+__all__ = ["cnn", "lottery", "minilm", "run"]
