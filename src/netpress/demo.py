@@ -21,9 +21,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "metric": "top1_agreement",
         # One-shot unstructured pruning without fine-tuning costs MobileNetV2 dearly (measured on
         # these crops: 10% layer-wise already drops top-1 agreement to ~0.79), so the demo shows
-        # int8 per-channel weights alone here; pruning is shown on the digits CNN.
+        # int8 per-channel weights alone here; pruning is shown on the digits CNN. The 3x3
+        # depthwise convs (9 weights per channel, 1.5% of the parameters) stay fp32: quantizing
+        # them cost 6 points of agreement on 128 crops (0.898 vs 0.961), everything else ~1.
         "stages": [
-            {"quantize": {"method": "int8_weight", "bits": 8, "granularity": "per_channel"}},
+            {"quantize": {"method": "int8_weight", "bits": 8, "granularity": "per_channel",
+                          "ignore": [r"re:features\.1\.conv\.0\.0|features\.\d+\.conv\.1\.0"]}},
         ],
         "export": ["artifact", "onnx"],
     },
