@@ -402,7 +402,13 @@ def _write_dir(
                 shutil.copyfile(deployed.onnx_path, onnx_path)
             else:
                 export_onnx(result.model, work.evaluation[0].slice(recipe.batch), onnx_path)
-            diff = verify_onnx(result.model, onnx_path, work.evaluation[:1])
+            # integer kernels (QuantizeLinear on activations) round differently from torch's
+            # fake quantization: a loose check that still catches a broken export
+            import onnx
+
+            qdq = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node)
+            tol = {"atol": 0.25, "rtol": 0.1} if qdq else {}
+            diff = verify_onnx(result.model, onnx_path, work.evaluation[:1], **tol)
             result.notes["onnx_max_abs_diff"] = diff
             extra.append(onnx_path)
         write_json(tmp / "metrics.json", result.metrics)

@@ -157,6 +157,13 @@ class _Packed(nn.Module):
             return _OPS.dequantize_per_tensor(q, s, z, 0, qmax, torch.uint8)
         return (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s  # pragma: no cover
 
+    def netpress_weight_counts(self) -> tuple[int, int]:
+        """Logical ``(weights + biases, non-zeros)``: packed bytes hold several weights each."""
+        total, nonzero = math.prod(self.weight_shape), int(torch.count_nonzero(self.codes()))
+        if self.bias is not None:
+            total, nonzero = total + self.bias.numel(), nonzero + int(torch.count_nonzero(self.bias))
+        return total, nonzero
+
     def weight_bytes(self) -> int:
         """Bytes of the stored weight tensors: packed codes + scales."""
         return (self.qweight_packed.numel() +
