@@ -1,0 +1,145 @@
+"""GPTQ (Frantar et al. 2022): Hessian-aware group-wise rounding of one Linear layer at a time.
+
+``quantize: {method: gptq, weights: {bits: 4, group_size: 128}, act_order: true, damp: 0.01}``
+
+For a layer ``y = x Wᵀ`` with calibration inputs ``X (N, I)``, GPTQ minimises ``‖X Wᵀ - X Ŵᵀ‖²``
+column by column: with ``H = 2 XᵀX / N + λ·mean(diag H)·I`` and the upper Cholesky factor ``U`` of
+``H⁻¹``, quantizing column ``j`` leaves the error ``e = (w_j - ŵ_j) / U_jj``, which is spread over
+the not-yet-quantized columns ``w_k -= e · U_jk`` (k > j). Updates are applied lazily in blocks of
+``block_size`` columns. With ``act_order`` the columns are visited by decreasing ``diag(H)``; the
+group scales are then fixed up front from the weights (static groups) so groups stay contiguous in
+the stored layout (required by ``MatMulNBits``).
+
+The driver (:func:`netpress.quantize.weight_only.quantize_linears`) quantizes layers in forward
+order and captures each layer's inputs with every earlier layer already quantized
+(true-sequential), so later layers correct the error of earlier ones.
+
+Example:
+    >>> import torch
+    >>> from netpress.quantize.gptq import gptq_layer
+    >>> torch.manual_seed(0); w = torch.randn(8, 64); x = torch.randn(256, 64)
+    >>> codes, scales, zeros = gptq_layer(w, x, bits=4, group_size=32)
+    >>> codes.shape, scales.shape, int(codes.max()) <= 15
+    (torch.Size([8, 64]), torch.Size([8, 2]), True)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.quantize.weight_only import GPTQConfig, clipped_qparams, quantize_linears
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """``H = 2 XᵀX / N`` of inputs ``x (N, I)`` in float64 -> ``(I, I)``."""
+    xd = x.to(torch.float64)
+    return 2.0 * (xd.T @ xd) / max(1, xd.shape[0])
+
+
+def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
+               act_order: bool = True, block_size: int = 128, clip_search: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of one weight ``w (O, I)`` given its inputs ``x (N, I)``.
+
+    Args:
+        w: the float weight.
+        x: calibration inputs of the layer (padding removed).
+        bits, group_size: the code width and group size (``group_size`` divides ``I``).
+        damp: Hessian damping as a fraction of the mean diagonal.
+        act_order: visit columns by decreasing ``diag(H)``.
+        block_size: columns per lazy update.
+        clip_search: MSE search of each group's clipping range.
+
+    Returns:
+        ``(codes (O, I), scales (O, I/g), zeros (O, I/g))``, float32, in the original column order.
+    """
+    from netpress.nn.lowbit import quantize_codes
+
+    w = w.detach().to(torch.float64).clone()  # (O, I)
+    out_f, in_f = w.shape
+    h = hessian(x)  # (I, I)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    n_groups = in_f // group_size
+    if act_order:
+        # static groups: scales from the (un-updated) weights, so groups stay contiguous
+        s, z = clipped_qparams(w.float().reshape(-1, group_size), bits, clip_search)
+        scales, zeros = s.reshape(out_f, n_groups).double(), z.reshape(out_f, n_groups).double()
+        perm = torch.argsort(torch.diag(h), descending=True)
+    else:
+        scales = torch.zeros(out_f, n_groups, dtype=torch.float64)
+        zeros = torch.zeros_like(scales)
+        perm = torch.arange(in_f)
+        block_size = max(block_size // group_size, 1) * group_size  # groups inside one block
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].clone()  # (O, b)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if not act_order and col % group_size == 0:
+                # dynamic groups (sequential order): range of the group's current weights
+                s, z = clipped_qparams(w1[:, i:i + group_size].float(), bits, clip_search)
+                scales[:, g], zeros[:, g] = s.double(), z.double()
+            wcol, d = w1[:, i], hinv1[i, i]
+            q = quantize_codes(wcol, scales[:, g], zeros[:, g], bits)  # (O,)
+            codes[:, i1 + i] = q
+            deq = (q - zeros[:, g]) * scales[:, g]
+            e = (wcol - deq) / d  # (O,)
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update
+    inv = torch.argsort(perm)
+    return codes[:, inv].float(), scales.float(), zeros.float()
+
+
+@register("quantize", "gptq", GPTQConfig,
+          summary="weight-only int2..int8 GPTQ (Hessian-aware, act-order, true-sequential), packed")
+def quantize_gptq(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
+    """GPTQ of the targeted Linear layers (in place), one layer at a time in forward order.
+
+    Args:
+        model: the model (modified and returned).
+        config: a :class:`~netpress.quantize.weight_only.GPTQConfig`.
+        ctx: ``ctx.data`` holds the calibration batches; ``ctx.report["gptq"]`` is filled.
+
+    Returns:
+        ``model`` with :class:`~netpress.nn.lowbit.LowBitLinear` layers.
+
+    Raises:
+        DataError: empty calibration set, NaN/Inf in a layer's inputs.
+        RecipeError: a group size that does not divide a layer's in_features (layer named).
+        ModelError: NaN/Inf in a weight.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from netpress.core.data import Batch
+        >>> ctx = StageContext(data=[Batch((torch.randn(64, 32),))])
+        >>> m = quantize_gptq(nn.Sequential(nn.Linear(32, 4)), GPTQConfig(weights={"group_size": 32}), ctx)
+        >>> type(m[0]).__name__
+        'LowBitLinear'
+    """
+    from netpress.nn.lowbit import LowBitLinear
+
+    assert isinstance(config, GPTQConfig)
+    bits, group = config.weights.bits, config.weights.group_size
+
+    def layer(name: str, module: nn.Linear, x: torch.Tensor | None) -> nn.Module:
+        assert x is not None
+        codes, scales, zeros = gptq_layer(module.weight, x, bits, group, config.damp,
+                                          config.act_order, config.block_size, config.clip_search)
+        return LowBitLinear.from_codes(codes, scales, zeros, bits, module.bias)
+
+    return quantize_linears(model, config, ctx, layer, needs_data=True)
+
+
+__all__ = ["gptq_layer", "hessian", "quantize_gptq"]
