@@ -108,4 +108,56 @@ def quantize_weight_sharing(model: nn.Module, config: TechniqueConfig,
     return model
 
 
-__all__ = ["WeightSharingConfig", "fold_batchnorm", "quantize_weight_sharing"]
+class EntropyCodeConfig(TechniqueConfig):
+    """Config of ``quantize: {method: entropy_code}``: entropy-code the integer weight codes of
+    layers an earlier QAT stage produced (``quantize: {method: qat, activations: null}``).
+
+    Attributes:
+        targets, ignore: module patterns (default: every ``PackedLinear`` / ``PackedConv1d/2d``).
+    """
+
+    method: Literal["entropy_code"] = "entropy_code"
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+
+
+@register("quantize", "entropy_code", EntropyCodeConfig,
+          summary="entropy-code (zlib/bz2/lzma) the integer codes of QAT layers (activations: null); "
+                  "exact, pruned zeros cost ~nothing")
+def quantize_entropy_code(model: nn.Module, config: TechniqueConfig,
+                          ctx: StageContext) -> nn.Module:
+    """Registered handler: every weight-only QAT ``Packed*`` layer becomes a ``Shared*`` layer with
+    the same integer codes and per-channel scales, its code stream entropy-coded.
+
+    Raises:
+        RecipeError: a targeted layer quantizes its inputs (activation quantization would be lost).
+    """
+    assert isinstance(config, EntropyCodeConfig)
+    from netpress.core.errors import RecipeError
+
+    try:
+        from netpress.nn.qat import PackedConv1d, PackedConv2d, PackedLinear
+    except ImportError:  # pragma: no cover - QAT not installed in this checkout
+        return model
+    layers = {}
+    for name, m in select(model, config.targets, config.ignore,
+                          default=(PackedLinear, PackedConv1d, PackedConv2d),
+                          where="quantize.targets"):
+        if not isinstance(m, (PackedLinear, PackedConv1d, PackedConv2d)):
+            continue
+        if m.act_mode is not None or m.weight_mode != "int":
+            raise RecipeError(f"quantize.entropy_code layer {name!r}",
+                              got=f"act_mode={m.act_mode}, weight_mode={m.weight_mode}",
+                              expected="weight-only integer QAT layers",
+                              fix="use `quantize: {method: qat, activations: null}` before it")
+        new = (SharedLinear.from_packed(m) if isinstance(m, PackedLinear)
+               else SharedConv.from_packed(m))
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        layers[name] = {"bytes": new.nbytes, "codec": new.codec}
+    ctx.report.update(layers=layers)
+    return model
+
+
+__all__ = ["EntropyCodeConfig", "WeightSharingConfig", "fold_batchnorm", "quantize_entropy_code",
+           "quantize_weight_sharing"]
