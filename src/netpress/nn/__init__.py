@@ -11,6 +11,7 @@ Example:
 """
 
 from netpress.nn.lowbit import DynamicQuantLinear, LowBitLinear  # noqa: F401  (Q4, Q6)
+from netpress.nn.ptq import W8A8Conv2d, W8A8Linear  # noqa: F401  (Q3 static W8A8 PTQ)
 from netpress.nn.shared import SharedConv, SharedLinear  # noqa: F401  (A4 weight sharing)
 from netpress.nn.quant import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantLinear
 from netpress.nn.qat import PackedConv1d, PackedConv2d, PackedLinear  # noqa: F401  (Q5/Q7/Q8/Q9)

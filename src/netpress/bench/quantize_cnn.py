@@ -1,0 +1,164 @@
+"""Bench part of suite ``quantize``: MobileNetV2 static W8A8 PTQ on real photo crops.
+
+Rows (case ``mobilenet_v2_w8a8*``), all in one process, latencies interleaved:
+
+* ``onnxruntime`` fp32 — the reference every ``speedup_vs_fp32`` is relative to;
+* ``openvino`` fp32 at OpenVINO's default precision (bf16 on an AMX CPU) and strict f32;
+* ``netpress`` PTQ (BN folding, per-channel int8 weights, calibrated uint8 activations, quantized
+  residual Adds): the QDQ ONNX file on ONNX Runtime and on OpenVINO;
+* anchor ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, MinMax) on ORT;
+* anchor ``nncf.quantize`` (defaults) on the OpenVINO model read from the fp32 ONNX.
+
+Quality: top-1 agreement with the fp32 torch model on the held-out ``photos`` evaluation crops
+(calibration uses only the calibration split); the agreement on crops where fp32's max
+probability is >= 0.5 is in ``notes``. Latency: batch 1, 2 threads; each candidate is timed in
+``ROUNDS`` interleaved rounds and the lowest round median is kept (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from netpress.bench import row
+
+SUITE, THREADS, ROUNDS = "quantize", 2, 3
+
+
+def _agreement(out: np.ndarray, ref: torch.Tensor) -> tuple[float, float, int]:
+    pred = torch.as_tensor(np.asarray(out, dtype=np.float32)).argmax(1)
+    same = (pred == ref.argmax(1)).float()
+    conf = ref.softmax(1).amax(1) >= 0.5
+    return float(same.mean()), float(same[conf].mean()) if conf.any() else float("nan"), int(
+        conf.sum())
+
+
+def _ov_size(model: Any, tmp: Path) -> int:
+    import openvino as ov
+
+    xml = tmp / "nncf.xml"
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Rows of the MobileNetV2 W8A8 comparison (see the module doc)."""
+    import nncf
+    import onnxruntime.quantization as oq
+    import openvino as ov
+
+    from netpress.export.onnx import OnnxRunner, export_onnx
+    from netpress.export.openvino import OpenVinoRunner
+    from netpress.measure.latency import time_runs
+    from netpress.quantize.qdq_onnx import export_qdq_onnx
+    from netpress.zoo import load_data, load_model
+
+    torch.set_num_threads(THREADS)
+    model, data = load_model("mobilenet_v2"), load_data("photos")
+    evaluation = data.evaluation[:4] if quick else data.evaluation
+    calibration = data.calibration
+    example = evaluation[0].slice(1)
+    with torch.inference_mode():
+        ref = torch.cat([model(b.inputs[0]) for b in evaluation]).float()
+    tmp = Path(tempfile.mkdtemp(prefix="netpress-bench-ptq-"))
+    cands: dict[str, dict[str, Any]] = {}
+
+    fp32 = export_onnx(model, example, tmp / "fp32.onnx")
+
+    # ---- netpress PTQ
+    ctx_report: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    from netpress.core.config import StageContext, get_technique, parse_config
+
+    cfg = parse_config("quantize", {"method": "ptq", "weights": {"bits": 8,
+                                    "granularity": "per_channel"},
+                                    "activations": {"bits": 8, "observer": "percentile"}})
+    ctx = StageContext(data=calibration, report=ctx_report)
+    qmodel = get_technique("quantize", "ptq").handler(copy.deepcopy(model), cfg, ctx)
+    qpath = export_qdq_onnx(qmodel, example, tmp / "netpress_w8a8.onnx")
+    np_seconds = time.perf_counter() - t0
+
+    # ---- ORT quantize_static anchor
+    class _Reader(oq.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input": b.inputs[0][i:i + 1].numpy()} for b in calibration
+                               for i in range(b.size)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    t0 = time.perf_counter()
+    ort_q = tmp / "ort_static.onnx"
+    oq.quantize_static(str(fp32), str(ort_q), _Reader(), quant_format=oq.QuantFormat.QDQ,
+                       per_channel=True, calibrate_method=oq.CalibrationMethod.MinMax)
+    ort_seconds = time.perf_counter() - t0
+
+    # ---- NNCF -> OpenVINO anchor
+    t0 = time.perf_counter()
+    ov_model = ov.Core().read_model(str(fp32))
+    calib_items = [b.inputs[0][i:i + 1].numpy() for b in calibration for i in range(b.size)]
+    nncf_model = nncf.quantize(ov_model, nncf.Dataset(calib_items))
+    nncf_seconds = time.perf_counter() - t0
+
+    runners = {
+        "ort_fp32": (OnnxRunner(fp32, THREADS), "onnxruntime", "fp32", "fp32", fp32, None),
+        "ov_default": (OpenVinoRunner(fp32, THREADS), "openvino", "fp32",
+                       "fp32 model, OpenVINO default precision (bf16 on AMX)", fp32, None),
+        "ov_f32": (OpenVinoRunner(fp32, THREADS, precision="f32"), "openvino", "fp32",
+                   "fp32 model, strict f32", fp32, None),
+        "np_ort": (OnnxRunner(qpath, THREADS), "netpress", "ptq", "W8A8 QDQ on ONNX Runtime", qpath,
+                   np_seconds),
+        "np_ov": (OpenVinoRunner(qpath, THREADS), "netpress", "ptq", "W8A8 QDQ on OpenVINO", qpath,
+                  np_seconds),
+        "ort_static": (OnnxRunner(ort_q, THREADS), "onnxruntime", "quantize_static",
+                       "QDQ per-channel MinMax on ONNX Runtime", ort_q, ort_seconds),
+        "nncf_ov": (OpenVinoRunner(nncf_model, THREADS), "nncf", "nncf.quantize",
+                    "defaults, OpenVINO int8", None, nncf_seconds),
+    }
+    runtimes = {"ort_fp32": "onnxruntime", "np_ort": "onnxruntime", "ort_static": "onnxruntime"}
+    for key, (runner, *_rest) in runners.items():
+        out = np.concatenate([runner.run(b) for b in evaluation])
+        cands[key] = {"quality": _agreement(out, ref), "lat": []}
+    for _ in range(ROUNDS):
+        for key, (runner, *_rest) in runners.items():
+            feeds = runner.feeds(example)
+            if isinstance(runner, OpenVinoRunner):
+                fn = partial(runner.request.infer, list(feeds.values()))
+            else:
+                fn = partial(runner.session.run, None, feeds)
+            times = time_runs(fn, 10, 30 if quick else 100, 20.0)
+            cands[key]["lat"].append(float(np.median(times)) * 1000.0)
+    base = min(cands["ort_fp32"]["lat"])
+    rows = []
+    for key, (_runner, tool, method, desc, path, seconds) in runners.items():
+        all_, conf, n_conf = cands[key]["quality"]
+        lat = min(cands[key]["lat"])
+        size = Path(path).stat().st_size if path is not None else _ov_size(nncf_model, tmp)
+        notes = (f"{desc}; top-1 agreement on confident crops (fp32 max-prob >= 0.5, n={n_conf}): "
+                 f"{conf:.4f}; {len(ref)} held-out crops; latency: min of {ROUNDS} interleaved "
+                 "round medians")
+        if key.startswith("np_"):
+            rep = ctx_report.get("ptq", {})
+            notes += (f"; calibration {rep.get('calibration_examples')} crops, observer "
+                      f"{rep.get('observer')}, {len(rep.get('quantized', []))} layers int8, "
+                      f"kept float: {sorted(rep.get('kept_float', {})) or 'none'}")
+        rows.append(row(
+            suite=SUITE, case="mobilenet_v2_w8a8" + ("" if key == "ort_fp32" else f"_{key}"),
+            tool=tool, method=method, metric_name="top1_agreement", metric=round(all_, 4),
+            size_bytes=int(size), latency_ms=round(lat, 3), speedup_vs_fp32=round(base / lat, 3),
+            compress_seconds=None if seconds is None else round(seconds, 2),
+            runtime=runtimes.get(key, "openvino"), threads=THREADS, batch=1, notes=notes,
+            top1_agreement_confident=round(conf, 4)))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+__all__ = ["run"]

@@ -1,0 +1,334 @@
+"""Static post-training quantization W8A8 (SPEC Q3): ``quantize: {method: ptq, ...}``.
+
+Recipe spelling::
+
+    quantize: {method: ptq, weights: {bits: 8, granularity: per_channel},
+               activations: {bits: 8, observer: percentile}}
+
+Steps (all scales and zero points are computed here, by netpress's observers):
+
+1. **BN folding** (:mod:`netpress.quantize.fold`): every ``Conv -> BatchNorm`` becomes one conv.
+2. **Graph**: the folded float model is exported to ONNX once; each targeted ``Conv2d`` /
+   ``Linear`` is found in the graph by its weight initializer. The tensors to quantize are the
+   input of every such layer and (``quantize_residual_adds``) the output of a layer that feeds an
+   ``Add``, so the residual Add stays in int8 on OpenVINO.
+3. **Calibration**: the fp32 graph runs in ONNX Runtime on the calibration batches (256 examples
+   by default) and one observer per tensor (Q2: minmax, moving_average, percentile, entropy, mse)
+   turns the values into ``(scale, zero_point)``; non-negative tensors (ReLU/ReLU6 outputs) get
+   uint8 codes with zero point 0, signed ones uint8 asymmetric (or int8 symmetric).
+4. **Weights**: symmetric int8 per output channel (``minmax`` = max|w| / 127, or ``mse``).
+   ``per_tensor`` is honoured, but a layer whose median per-channel weight SQNR under one
+   per-tensor scale falls below
+   ``per_tensor_min_sqnr_db`` (BN-folded depthwise convs: the published MobileNetV2 collapse) is
+   quantized per channel instead, with a warning and a report entry, unless
+   ``per_tensor_fallback: false``.
+5. **Swap**: each layer becomes a :class:`netpress.nn.ptq.W8A8Conv2d` / ``W8A8Linear`` (int8 codes,
+   scales and activation quantizers as buffers; its forward simulates the integer arithmetic).
+   :func:`netpress.quantize.qdq_onnx.export_qdq_onnx` writes the QDQ ONNX file that ONNX Runtime
+   and OpenVINO run on integer kernels.
+
+``ctx.report["ptq"]`` lists quantized layers, layers left in float with the reason, folded BNs,
+fallbacks and the calibration size.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from netpress.api import quantize
+    >>> from netpress.core.data import Batch
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+    ...                     nn.Linear(8 * 6 * 6, 4)).eval()
+    >>> data = [Batch((torch.randn(16, 3, 8, 8),))]
+    >>> q = quantize(net, {"method": "ptq"}, data=data)
+    >>> [type(m).__name__ for m in q]
+    ['W8A8Conv2d', 'Identity', 'ReLU', 'Flatten', 'W8A8Linear']
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field
+
+from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.core.data import Batch
+from netpress.core.errors import DataError
+from netpress.core.targeting import select
+from netpress.nn.ptq import W8A8Conv2d, W8A8Linear
+from netpress.quantize.fold import fold_batchnorm
+from netpress.quantize.observers import OBSERVERS, make_observer
+
+if TYPE_CHECKING:
+    import onnx
+
+ObserverName = Literal["minmax", "moving_average", "percentile", "entropy", "mse"]
+assert set(OBSERVERS) == set(ObserverName.__args__)  # type: ignore[attr-defined]
+
+
+class PTQWeights(BaseModel):
+    """Weight quantization of ``ptq``: symmetric int8 codes.
+
+    Attributes:
+        bits: 2..8 (codes stored in int8; 8 for W8A8 integer kernels).
+        granularity: ``per_channel`` (default) or ``per_tensor``.
+        observer: ``minmax`` (max|w|) or ``mse`` (per-channel MSE-optimal clipping).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    bits: int = Field(default=8, ge=2, le=8)
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    observer: Literal["minmax", "mse"] = "minmax"
+
+
+class PTQActivations(BaseModel):
+    """Activation quantization of ``ptq`` (per tensor).
+
+    Attributes:
+        bits: 2..8.
+        observer: one of minmax, moving_average, percentile, entropy, mse.
+        percentile: for ``observer: percentile``.
+        symmetric: int8 symmetric codes for signed tensors (default: uint8 asymmetric).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    bits: int = Field(default=8, ge=2, le=8)
+    observer: ObserverName = "percentile"
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+    symmetric: bool = False
+
+
+class PTQConfig(TechniqueConfig):
+    """Config of ``quantize: {method: ptq}`` (see the module doc).
+
+    Attributes:
+        weights / activations: see :class:`PTQWeights`, :class:`PTQActivations`.
+        targets / ignore: module patterns (default targets: every Conv2d and Linear).
+        fold_bn: fold Conv->BatchNorm pairs first (default true).
+        quantize_residual_adds: quantize outputs of layers feeding an Add (default true).
+        calibration_examples: examples used for calibration (default 256).
+        per_tensor_fallback / per_tensor_min_sqnr_db: see the module doc, step 4.
+    """
+
+    method: Literal["ptq"] = "ptq"
+    weights: PTQWeights = Field(default_factory=PTQWeights)
+    activations: PTQActivations = Field(default_factory=PTQActivations)
+    targets: list[str] | None = None
+    ignore: list[str] = Field(default_factory=list)
+    fold_bn: bool = True
+    quantize_residual_adds: bool = True
+    calibration_examples: int = Field(default=256, ge=1, le=1_000_000)
+    per_tensor_fallback: bool = True
+    per_tensor_min_sqnr_db: float = 20.0
+
+
+def _check_data(ctx: StageContext) -> list[Batch]:
+    data = ctx.data
+    if not data:
+        raise DataError("ptq calibration data", got="no batches" if data is not None else None,
+                        expected="at least one calibration batch",
+                        fix="give the recipe `data:` (e.g. zoo:photos) or pass data= to quantize()")
+    return list(data)
+
+
+def _graph_layers(graph: onnx.GraphProto, modules: dict[str, nn.Module]) -> dict[str, onnx.NodeProto]:
+    """Module name -> its Conv/Gemm/MatMul node, found by the weight initializer's name."""
+    from netpress.quantize.qdq_onnx import LINEAR_OPS
+
+    found: dict[str, onnx.NodeProto] = {}
+    for node in graph.node:
+        if node.op_type in LINEAR_OPS and len(node.input) >= 2:
+            w = node.input[1]
+            for prefix in ("model.", ""):
+                name = w[len(prefix):-len(".weight")] if w.startswith(prefix) and w.endswith(
+                    ".weight") else None
+                if name in modules and name not in found:
+                    found[name] = node
+    return found
+
+
+def calibrate_onnx(path: Path, tensors: dict[str, str], batches: list[Batch], observer: str,
+                   bits: int, symmetric: bool, percentile: float,
+                   limit: int) -> dict[str, Any]:
+    """Run the fp32 graph in ONNX Runtime and observe ``tensors`` (name -> layer for errors).
+
+    Returns:
+        tensor name -> its fitted observer.
+
+    Raises:
+        DataError: NaN/Inf activations (naming the layer) or no examples.
+    """
+    import onnx
+
+    from netpress.export.onnx import OnnxRunner
+
+    model = onnx.load(str(path))
+    have = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(
+                t, onnx.TensorProto.FLOAT, None))
+    tmp = path.with_name("calibrate.onnx")
+    onnx.save(model, str(tmp))
+    runner = OnnxRunner(tmp, threads=torch.get_num_threads())
+    names = [o.name for o in runner.session.get_outputs()]
+    opts = {"percentile": percentile} if observer == "percentile" else {}
+    observers = {t: make_observer(observer, bits=bits, symmetric=symmetric,
+                                  where=f"{layer} (tensor {t})", **opts)
+                 for t, layer in tensors.items()}
+    seen = 0
+    for batch in batches:
+        if seen >= limit:
+            break
+        n = min(batch.size, limit - seen)
+        b = batch.slice(n) if n < batch.size else batch
+        outs = runner.session.run(names, runner.feeds(b))
+        for name, value in zip(names, outs, strict=True):
+            if name in observers:
+                observers[name].update(torch.from_numpy(np.asarray(value)))
+        seen += n
+    if seen == 0:
+        raise DataError("ptq calibration data", got="0 examples", expected="at least one",
+                        fix="pass non-empty calibration batches")
+    return observers
+
+
+def _act_qparams(obs: Any, symmetric: bool) -> tuple[float, int, bool]:
+    scale, zp = obs.qparams()
+    signed = bool(obs.is_signed())
+    if not symmetric and signed:  # asymmetric signed data: uint8 codes with a zero point
+        lo, hi = obs.range()
+        from netpress.quantize.observers import range_to_qparams
+        scale, zp = range_to_qparams(lo, hi, obs.bits, False, False)
+        signed = False
+    return float(scale), int(zp), signed
+
+
+def _weight_scale(w: torch.Tensor, cfg: PTQWeights, per_channel: bool, where: str) -> torch.Tensor:
+    qmax = (1 << (cfg.bits - 1)) - 1
+    if cfg.observer == "mse":
+        obs = make_observer("mse", bits=cfg.bits, symmetric=True, signed=True, where=where,
+                            axis=0 if per_channel else None)
+        obs.update(w)
+        return obs.qparams()[0]
+    flat = w.detach().float().abs().reshape(w.shape[0], -1)  # (O, K)
+    return (flat.amax(1) if per_channel else flat.amax()) / qmax
+
+
+def _per_tensor_sqnr(w: torch.Tensor, bits: int) -> float:
+    """Median over output channels of each channel's SQNR under one per-tensor scale (dB)."""
+    qmax = (1 << (bits - 1)) - 1
+    w = w.detach().float()
+    s = w.abs().max() / qmax
+    s = s if s > 0 else torch.tensor(1.0)
+    err = torch.clamp(torch.round(w / s), -qmax, qmax) * s - w
+    sig = (w * w).reshape(w.shape[0], -1).sum(1)  # (O,)
+    noise = (err * err).reshape(w.shape[0], -1).sum(1).clamp(min=1e-30)
+    return float((10 * torch.log10(sig.clamp(min=1e-30) / noise)).median())
+
+
+@register("quantize", "ptq", PTQConfig,
+          summary="static W8A8 PTQ: BN folding, calibrated activations, integer QDQ/OpenVINO")
+def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.Module:
+    """Apply static W8A8 post-training quantization in place (see the module doc).
+
+    Args:
+        model: the float model (a copy the caller owns).
+        config: :class:`PTQConfig`.
+        ctx: ``ctx.data`` holds the calibration batches; ``ctx.report["ptq"]`` is filled.
+
+    Returns:
+        The model with W8A8 layers.
+
+    Raises:
+        DataError: no calibration data, or NaN/Inf activations (names the layer).
+        RecipeError: bad bits / granularity / observer (from the config).
+    """
+    import onnx
+
+    from netpress.export.onnx import export_onnx
+    from netpress.quantize.qdq_onnx import consumers, producers
+
+    t0 = time.perf_counter()
+    batches = _check_data(ctx)
+    model.eval()
+    folded = fold_batchnorm(model) if config.fold_bn else []
+    chosen = dict(select(model, config.targets, config.ignore, default=(nn.Conv2d, nn.Linear)))
+    kept: dict[str, str] = {}
+    for name, m in list(chosen.items()):
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            kept[name] = f"{type(m).__name__} has no W8A8 kernel here (Conv2d/Linear only)"
+            chosen.pop(name)
+        elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            kept[name] = f"padding_mode={m.padding_mode!r} (zero padding only)"
+            chosen.pop(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, batches[0].slice(1), Path(tmp, "fp32.onnx"))
+        graph = onnx.load(str(path)).graph
+        nodes = _graph_layers(graph, chosen)
+        for name in list(chosen):
+            if name not in nodes:
+                kept[name] = "not found as a Conv/Gemm/MatMul with its own weight in the graph"
+                chosen.pop(name)
+        users, makers = consumers(graph), producers(graph)
+        tensors: dict[str, str] = {}
+        out_quant: dict[str, str] = {}  # module -> its output tensor (feeds an Add)
+        for name in chosen:
+            node = nodes[name]
+            tensors.setdefault(node.input[0], f"{name} input")
+            if config.quantize_residual_adds and any(
+                    u.op_type == "Add" for u in users.get(node.output[0], [])):
+                out_quant[name] = node.output[0]
+                tensors.setdefault(node.output[0], f"{name} output")
+        del makers
+        a = config.activations
+        observers = calibrate_onnx(path, tensors, batches, a.observer, a.bits, a.symmetric,
+                                   a.percentile, config.calibration_examples)
+    fallbacks: dict[str, float] = {}
+    per_channel_default = config.weights.granularity == "per_channel"
+    for name, m in chosen.items():
+        node = nodes[name]
+        per_channel = per_channel_default
+        if not per_channel:
+            sq = _per_tensor_sqnr(m.weight, config.weights.bits)
+            if sq < config.per_tensor_min_sqnr_db:
+                if config.per_tensor_fallback:
+                    fallbacks[name] = round(sq, 2)
+                    per_channel = True
+        s_in, z_in, signed_in = _act_qparams(observers[node.input[0]], a.symmetric)
+        out_qp, out_signed = None, True
+        if name in out_quant:
+            s_o, z_o, out_signed = _act_qparams(observers[out_quant[name]], a.symmetric)
+            out_qp = (s_o, z_o)
+        ws = _weight_scale(m.weight, config.weights, per_channel, name)
+        cls = W8A8Conv2d if isinstance(m, nn.Conv2d) else W8A8Linear
+        q = cls.from_float(m, s_in, z_in, act_bits=a.bits, act_signed=signed_in,  # type: ignore[arg-type]
+                           per_channel=per_channel, output_qparams=out_qp,
+                           out_signed=out_signed, weight_scale=ws)
+        if config.weights.bits < 8:
+            qmax = (1 << (config.weights.bits - 1)) - 1
+            with torch.no_grad():
+                q.qweight.clamp_(-qmax, qmax)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    if fallbacks:
+        warnings.warn(f"ptq: per_tensor weights collapse on {len(fallbacks)} layers (weight SQNR "
+                      f"below {config.per_tensor_min_sqnr_db} dB, e.g. "
+                      f"{dict(list(fallbacks.items())[:3])}); they were quantized per_channel. "
+                      "Set per_tensor_fallback: false to force per_tensor.", stacklevel=2)
+    ctx.report["ptq"] = {
+        "quantized": sorted(chosen), "kept_float": kept, "folded_bn": folded,
+        "per_tensor_fallback": fallbacks, "quantized_outputs": sorted(out_quant),
+        "observer": a.observer, "calibration_examples": min(
+            config.calibration_examples, sum(b.size for b in batches)),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "execution": "integer kernels via the QDQ ONNX graph (ONNX Runtime / OpenVINO)",
+    }
+    return model
+
+
+__all__ = ["PTQActivations", "PTQConfig", "PTQWeights", "calibrate_onnx", "quantize_ptq"]
