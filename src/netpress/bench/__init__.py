@@ -31,7 +31,8 @@ ROW_KEYS = ("suite", "case", "tool", "method", "metric_name", "metric", "size_by
 # A suite may be split across files (one per area); its rows are concatenated in this order.
 SUITES: dict[str, list[str]] = {
     "magnitude": ["netpress.bench.magnitude:run"],
-    "quantize": ["netpress.bench.quantize_small:run", "netpress.bench.quantize_cnn:run"],
+    "quantize": ["netpress.bench.quantize_small:run", "netpress.bench.quantize_cnn:run",
+                 "netpress.bench.quantize_minilm:run"],
     "quantize_small": ["netpress.bench.quantize_small:run"],
     "prune": ["netpress.bench.prune_structured:run", "netpress.bench.prune_unstructured:run"],
     "distill": ["netpress.bench.distill:run"],

@@ -12,7 +12,7 @@ calibration data). The layer keeps ``s`` as ``input_scale`` and divides its inpu
 Example:
     >>> import torch
     >>> from netpress.quantize.awq import awq_layer
-    >>> torch.manual_seed(0); w = torch.randn(8, 64); x = torch.randn(256, 64) * torch.rand(64) * 4
+    >>> _ = torch.manual_seed(0); w = torch.randn(8, 64); x = torch.randn(256, 64) * torch.rand(64) * 4
     >>> codes, scales, zeros, s, alpha = awq_layer(w, x, bits=4, group_size=32)
     >>> s.shape, 0.0 <= alpha < 1.0
     (torch.Size([64]), True)

@@ -17,7 +17,7 @@ order and captures each layer's inputs with every earlier layer already quantize
 Example:
     >>> import torch
     >>> from netpress.quantize.gptq import gptq_layer
-    >>> torch.manual_seed(0); w = torch.randn(8, 64); x = torch.randn(256, 64)
+    >>> _ = torch.manual_seed(0); w = torch.randn(8, 64); x = torch.randn(256, 64)
     >>> codes, scales, zeros = gptq_layer(w, x, bits=4, group_size=32)
     >>> codes.shape, scales.shape, int(codes.max()) <= 15
     (torch.Size([8, 64]), torch.Size([8, 2]), True)

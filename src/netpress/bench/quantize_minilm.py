@@ -1,0 +1,238 @@
+"""``netpress bench quantize`` (MiniLM part): int8 dynamic and weight-only int4/int3 on the real
+all-MiniLM-L6-v2, with the anchors in the same process.
+
+Metric: mean cosine between the fp32 and the quantized sentence embeddings (token states mean-pooled
+by the attention mask) on the ``sentences`` evaluation split (573 sentences; calibration uses the
+disjoint calibration split). Latency: batch 32 (the first evaluation batch), 2 threads, all
+candidates timed round-robin in one loop so the ratios hold on a shared machine; the speed-up is
+against ONNX Runtime fp32 of the same model.
+
+Rows:
+  * ``minilm_int8_dynamic``: netpress ``dynamic`` on ONNX Runtime (``DynamicQuantizeMatMul``) and on
+    OpenVINO (int8 compressed weights); anchors ``onnxruntime.quantization.quantize_dynamic``
+    (defaults) and ``torch.ao.quantization.quantize_dynamic``;
+  * ``minilm_int8_static``: the anchors NNCF ``nncf.quantize(model_type=TRANSFORMER)`` -> OpenVINO
+    int8 and OpenVINO without quantization (default precision);
+  * ``minilm_w4_g32`` / ``minilm_w4_g128`` / ``minilm_w3_g32`` / ``minilm_w3_g128``: netpress rtn,
+    gptq, awq (cosine from torch; int4 latency from ONNX Runtime ``MatMulNBits``); anchor ONNX
+    Runtime's ``MatMulNBitsQuantizer`` (RTN) at 4 bits. ``size_bytes`` of weight-only rows counts
+    the quantized Linear weights (packed codes + scales + zeros); notes give the fp32 figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from netpress.bench import row
+
+THREADS = 2
+
+
+def _cos(outputs: list[torch.Tensor], batches: list[Any], ref: list[torch.Tensor]) -> float:
+    from netpress.measure import compute_metric
+
+    return float(compute_metric("cosine", outputs, batches, ref))
+
+
+def _round_robin(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
+    """Median ms of every callable, timed interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+        f()
+    for _ in range(runs):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v) * 1000) for k, v in times.items()}
+
+
+def _linear_bytes(model: torch.nn.Module) -> int:
+    from netpress.nn.lowbit import LowBitLinear
+
+    total = 0
+    for m in model.modules():
+        if isinstance(m, LowBitLinear):
+            total += sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.qzeros))
+            if m.input_scale is not None:
+                total += m.input_scale.numel() * 4
+        elif type(m) is torch.nn.Linear:
+            total += m.weight.numel() * 4
+    return total
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """All MiniLM rows (``quick``: 4 evaluation batches, fewer timing runs, int4 g128 only)."""
+    import openvino as ov
+
+    import netpress
+    import netpress.zoo as zoo
+    from netpress.export.onnx import OnnxRunner, export_onnx
+    from netpress.measure import collect_outputs
+    from netpress.measure.size import file_bytes
+    from netpress.quantize.dynamic import export_dynamic
+    from netpress.quantize.weight_only import export_matmul_nbits
+
+    torch.set_num_threads(THREADS)
+    model = zoo.load_model("minilm")
+    data = zoo.load_data("sentences")
+    ev = data.evaluation[:4] if quick else data.evaluation
+    cal = data.calibration
+    ref = collect_outputs(model, ev)
+    example = ev[0]  # batch 32
+    runs = 5 if quick else 20
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="np-bench-minilm-"))
+    fp32 = export_onnx(model, example.slice(1), tmp / "fp32.onnx")
+    r_fp = OnnxRunner(fp32, THREADS)
+    feeds = r_fp.feeds(example)
+    core = ov.Core()
+
+    def ov_compile(path: Path, precision: str | None = None) -> Any:
+        cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": THREADS}
+        if precision:
+            cfg["INFERENCE_PRECISION_HINT"] = precision
+        return core.compile_model(core.read_model(str(path)), "CPU", cfg)
+
+    def ort_cos(path: Path) -> tuple[float, OnnxRunner]:
+        r = OnnxRunner(path, THREADS)
+        return _cos([torch.from_numpy(r.run(b)) for b in ev], ev, ref), r
+
+    def ov_cos(compiled: Any) -> float:
+        outs = [torch.from_numpy(np.array(compiled(r_fp.feeds(b))[0])) for b in ev]
+        return _cos(outs, ev, ref)
+
+    base = dict(suite="quantize", metric_name="cosine", threads=THREADS, batch=example.size)
+    fns: dict[str, Callable[[], Any]] = {"ort_fp32": lambda: r_fp.session.run(None, feeds)}
+    info: dict[str, dict[str, Any]] = {}
+
+    # ---- int8 dynamic -------------------------------------------------------------------
+    t = time.perf_counter()
+    qd = netpress.quantize(copy.deepcopy(model), {"method": "dynamic"})
+    secs = time.perf_counter() - t
+    export_dynamic(qd, example.slice(1), tmp / "dyn_ort.onnx")
+    export_dynamic(qd, example.slice(1), tmp / "dyn_ov.onnx", runtime="openvino")
+    cos, r_dyn = ort_cos(tmp / "dyn_ort.onnx")
+    fns["np_dyn_ort"] = lambda: r_dyn.session.run(None, feeds)
+    info["np_dyn_ort"] = dict(case="minilm_int8_dynamic", tool="netpress", method="dynamic",
+                              runtime="onnxruntime", metric=cos, compress_seconds=secs,
+                              size_bytes=file_bytes(tmp / "dyn_ort.onnx"),
+                              notes="DynamicQuantizeMatMul u8xs8, per-channel int8 weights")
+    c_dyn = ov_compile(tmp / "dyn_ov.onnx")
+    fns["np_dyn_ov"] = lambda: c_dyn(feeds)
+    info["np_dyn_ov"] = dict(case="minilm_int8_dynamic", tool="netpress", method="dynamic",
+                             runtime="openvino", metric=ov_cos(c_dyn), compress_seconds=secs,
+                             size_bytes=file_bytes(tmp / "dyn_ov.onnx"),
+                             notes="int8 compressed weights, OpenVINO dynamic activation quant")
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    t = time.perf_counter()
+    ort_quantize_dynamic(str(fp32), str(tmp / "anchor_dyn.onnx"))
+    secs = time.perf_counter() - t
+    cos, r_anc = ort_cos(tmp / "anchor_dyn.onnx")
+    fns["ort_dyn"] = lambda: r_anc.session.run(None, feeds)
+    info["ort_dyn"] = dict(case="minilm_int8_dynamic", tool="onnxruntime", method="quantize_dynamic",
+                           runtime="onnxruntime", metric=cos, compress_seconds=secs,
+                           size_bytes=file_bytes(tmp / "anchor_dyn.onnx"), notes="defaults")
+    t = time.perf_counter()
+    tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear},
+                                                dtype=torch.qint8)
+    secs = time.perf_counter() - t
+    tq_cos = _cos(collect_outputs(tq, ev), ev, ref)
+
+    def tq_run() -> None:
+        with torch.inference_mode():
+            example.run(tq)
+
+    fns["torch_ao_dyn"] = tq_run
+    info["torch_ao_dyn"] = dict(case="minilm_int8_dynamic", tool="torch.ao", method="quantize_dynamic",
+                                runtime="torch", metric=tq_cos, compress_seconds=secs, size_bytes=0,
+                                notes="torch eager (fbgemm)")
+
+    # ---- static int8 anchors (NNCF) and OpenVINO without quantization ------------------------
+    c_def = ov_compile(fp32)
+    fns["ov_default"] = lambda: c_def(feeds)
+    info["ov_default"] = dict(case="minilm_int8_static", tool="openvino", method="no quantization",
+                              runtime="openvino", metric=ov_cos(c_def), compress_seconds=0.0,
+                              size_bytes=file_bytes(fp32), notes="default inference precision")
+    try:
+        import nncf
+
+        t = time.perf_counter()
+        calib = nncf.Dataset([r_fp.feeds(b) for b in cal])
+        q_ov = nncf.quantize(core.read_model(str(fp32)), calib,
+                             model_type=nncf.ModelType.TRANSFORMER)
+        secs = time.perf_counter() - t
+        c_nncf = core.compile_model(q_ov, "CPU", {"INFERENCE_NUM_THREADS": THREADS})
+        fns["nncf"] = lambda: c_nncf(feeds)
+        info["nncf"] = dict(case="minilm_int8_static", tool="nncf", method="nncf.quantize TRANSFORMER",
+                            runtime="openvino", metric=ov_cos(c_nncf), compress_seconds=secs,
+                            size_bytes=0, notes="OpenVINO int8")
+    except Exception as exc:  # noqa: BLE001 - an anchor failing is reported, not fatal
+        rows.append(row(**base, case="minilm_int8_static", tool="nncf", method="nncf.quantize",
+                        metric=None, size_bytes=0, latency_ms=None, speedup_vs_fp32=None,
+                        compress_seconds=None, runtime="openvino", notes=f"failed: {exc}"[:200]))
+
+    # ---- weight-only ------------------------------------------------------------------------
+    fp32_linear = _linear_bytes(model)
+    settings = [(4, 128)] if quick else [(4, 32), (4, 128), (3, 32), (3, 128)]
+    for bits, group in settings:
+        case = f"minilm_w{bits}_g{group}"
+        for method in ("rtn", "gptq", "awq"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            q = netpress.quantize(copy.deepcopy(model), {"method": method, "weights": {
+                "bits": bits, "group_size": group}}, data=cal)
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+            key = f"np_{method}_{bits}_{group}"
+            entry = dict(case=case, tool="netpress", method=method, runtime="torch",
+                         metric=_cos(collect_outputs(q, ev), ev, ref), compress_seconds=secs,
+                         size_bytes=_linear_bytes(q),
+                         notes=f"Linear weights {_linear_bytes(q) / fp32_linear:.1%} of fp32 "
+                         f"({fp32_linear:,} B); compress CPU {cpu:.0f} s; cosine from torch "
+                         "(unpacked at load)")
+            if bits == 4:
+                path = tmp / f"{key}.onnx"
+                export_matmul_nbits(q, example.slice(1), path)
+                r = OnnxRunner(path, THREADS)
+                fns[key] = (lambda r=r: r.session.run(None, feeds))
+                entry["runtime"] = "onnxruntime MatMulNBits"
+                entry["notes"] += "; latency: ORT MatMulNBits accuracy_level 4"
+                info[key] = entry
+            else:
+                rows.append(row(**base, **entry, latency_ms=None, speedup_vs_fp32=None))
+        if bits == 4:
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            t = time.perf_counter()
+            mq = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=group, is_symmetric=False)
+            mq.process()
+            mq.model.save_model_to_file(str(tmp / f"ort_nbits_{group}.onnx"))
+            secs = time.perf_counter() - t
+            cos, r = ort_cos(tmp / f"ort_nbits_{group}.onnx")
+            fns[f"ort_nbits_{group}"] = (lambda r=r: r.session.run(None, feeds))
+            info[f"ort_nbits_{group}"] = dict(
+                case=case, tool="onnxruntime", method="MatMulNBitsQuantizer (RTN)",
+                runtime="onnxruntime MatMulNBits", metric=cos, compress_seconds=secs,
+                size_bytes=file_bytes(tmp / f"ort_nbits_{group}.onnx"), notes="asymmetric")
+    lat = _round_robin(fns, runs)
+    rows.insert(0, row(**base, case="minilm_fp32", tool="onnxruntime", method="fp32",
+                       runtime="onnxruntime", metric=1.0, size_bytes=file_bytes(fp32),
+                       latency_ms=lat["ort_fp32"], speedup_vs_fp32=1.0, compress_seconds=0.0,
+                       notes="the reference"))
+    for key, entry in info.items():
+        rows.append(row(**base, **entry, latency_ms=lat[key],
+                        speedup_vs_fp32=lat["ort_fp32"] / lat[key]))
+    return rows
+
+
+__all__ = ["run"]
