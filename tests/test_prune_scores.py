@@ -21,6 +21,16 @@ from netpress.train.loop import TrainConfig, fine_tune
 from netpress.zoo.trained import digits_cnn
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (two spin against each other on a busy 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -44,7 +54,12 @@ def trained() -> nn.Sequential:
     X = torch.randn(128, 8, generator=g)
     y = (X[:, 0] > 0).long() + 2 * (X[:, 1] > 0).long()
     model = mlp()
-    fine_tune(model, as_batches((X, y), batch_size=32), TrainConfig(epochs=40, lr=0.02))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: runs before the per-test one-thread fixture
+    try:
+        fine_tune(model, as_batches((X, y), batch_size=32), TrainConfig(epochs=40, lr=0.02))
+    finally:
+        torch.set_num_threads(threads)
     return model
 
 

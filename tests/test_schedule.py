@@ -20,6 +20,16 @@ from netpress.prune.schedule import cubic_sparsity, event_steps
 from netpress.zoo.trained import digits_cnn
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (two spin against each other on a busy 2-core CI box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def test_cubic_schedule_follows_zhu_and_gupta() -> None:
     s = [cubic_sparsity(k, 10, 0.1, 0.9) for k in range(11)]
     assert s[0] == pytest.approx(0.1) and s[10] == 0.9

@@ -129,7 +129,7 @@ def cnn(data: str, name: str, quick: bool = False) -> list[dict[str, Any]]:
     n_ev = sum(b.size for b in ev)
     rows = [_row(f"{data}_dense", "netpress", "dense fp32", "accuracy", dense_acc, dense_bytes,
                  None, f"{n_ev} held-out examples", threads)]
-    epochs = 2 if quick else (15 if data == "digits" else 8)
+    epochs = 2 if quick else 15
     cfg = {"method": "magnitude", "sparsity": 0.9, "scope": "global", "schedule": "cubic",
            "prune_steps": 10, "prune_end": 0.6,
            "finetune": {"epochs": epochs, "lr": 2e-3, "optimizer": "adam"}}
