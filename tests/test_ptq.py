@@ -117,3 +117,23 @@ def test_bad_input_errors(data):
         bad[3].conv[0].weight[0, 0] = float("inf")
     with pytest.raises(DataError, match="NaN/Inf"):
         quantize(bad, {"method": "ptq"}, data=data)
+
+
+def test_artifact_reload_without_pickle(data, tmp_path):
+    from netpress.api import load
+    from netpress.export.artifact import save_artifact
+    from netpress.export.onnx import export_onnx
+
+    q = quantize(_net(), {"method": "ptq"}, data=data)
+    save_artifact(q, tmp_path / "art", source={"kind": "module", "factory": f"{__name__}:_net"},
+                  recipe={}, metrics=None)
+    back = load(tmp_path / "art")
+    x = data[1].inputs[0]
+    with torch.no_grad():
+        assert torch.equal(back(x), q(x))
+    assert isinstance(back[0], W8A8Conv2d) and back[0].qweight.dtype == torch.int8
+    # export_onnx dispatches W8A8 models to the QDQ emitter (integer kernels)
+    import onnx
+
+    path = export_onnx(back, data[0].slice(1), tmp_path / "m.onnx")
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(path).graph.node}

@@ -238,6 +238,12 @@ def export_onnx(
         ...     p.name, p.stat().st_size > 0
         ('lin.onnx', True)
     """
+    from netpress.nn.ptq import W8A8Conv2d, W8A8Linear  # static PTQ: the integer QDQ graph
+
+    if any(isinstance(m, (W8A8Conv2d, W8A8Linear)) for m in model.modules()):
+        from netpress.quantize.qdq_onnx import export_qdq_onnx
+
+        return export_qdq_onnx(model, example, path)
     if not isinstance(opset, int) or opset < 17:
         raise RecipeError(
             "export_onnx opset", got=opset, expected="an int >= 17", fix="use opset=17 or opset=18"
