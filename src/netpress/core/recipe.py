@@ -34,7 +34,7 @@ from netpress.core.config import (
 from netpress.core.errors import RecipeError
 
 EXPORTS = ("artifact", "onnx")
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "openvino", "torch")
 METRICS = ("accuracy", "top1_agreement", "kl", "cosine")
 
 
@@ -65,7 +65,7 @@ class _Fields(BaseModel):
     stages: list[Any] = Field(default_factory=list, max_length=64)
     export: list[Literal["artifact", "onnx"]] = Field(default_factory=lambda: ["artifact"])  # type: ignore[arg-type]
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    runtime: Literal["onnxruntime", "openvino", "torch"] = "onnxruntime"
     threads: int = Field(default=2, ge=1, le=256)
     batch: int = Field(default=1, ge=1, le=4096)
     eval_limit: int | None = Field(default=None, ge=1, le=10**7)
