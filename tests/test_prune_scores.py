@@ -214,3 +214,15 @@ def test_bn_gamma_without_batchnorm_is_a_recipe_error(data) -> None:
     X, y = data
     with pytest.raises(RecipeError, match="BatchNorm"):
         apply_prune(mlp(), {"method": "bn_gamma", "sparsity": 0.5}, data=(X, y))
+
+
+def test_penalised_fine_tuning_keeps_earlier_zeros(digits_data) -> None:
+    X, y = digits_data
+    torch.manual_seed(0)
+    model = apply_prune(digits_cnn(4), {"method": "magnitude", "sparsity": 0.5})
+    before = {n: m.weight != 0 for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    out = apply_prune(model, {"method": "bn_gamma", "sparsity": 0.25, "penalty": 1e-3,
+                              "finetune": {"epochs": 1, "lr": 1e-2}}, data=(X, y))
+    for name, keep in before.items():
+        w = dict(out.named_modules())[name].weight
+        assert bool((w[~keep] == 0).all()), name  # magnitude zeros survived the fine-tuning

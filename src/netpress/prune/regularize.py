@@ -39,6 +39,7 @@ from netpress.core.targeting import select
 from netpress.prune.magnitude import keep_masks, prune_count
 from netpress.prune.schedule import finetune_loss, magnitude_scores
 from netpress.prune.scores import (
+    DEFAULT_TARGETS,
     MaskKeeper,
     apply_masks,
     calibration_data,
@@ -155,8 +156,12 @@ def _handler(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn
     else:
         modules = prunable(model, config.targets, config.ignore, where)
     batches = calibration_data(ctx, config.method, train=True)
+    # weights already zero (an earlier pruning stage) stay zero while fine-tuning
+    weighted = [(n, m) for n, m in select(model, None, [], default=DEFAULT_TARGETS)
+                if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    keeper = MaskKeeper(weighted, [m.weight.detach() != 0 for _, m in weighted])
     result = fine_tune(model, batches, config.finetune, loss_fn=finetune_loss(ctx, batches),
-                       callbacks=[Penalty(config.method, config.penalty, modules)])
+                       callbacks=[Penalty(config.method, config.penalty, modules), keeper])
     extra = {"penalty": config.penalty, "steps": result.steps,
              "losses": [round(x, 5) for x in result.losses]}
     if config.method == "l1":
