@@ -119,6 +119,18 @@ def bench(
     out_console.print(f"wrote {len(rows)} rows to {out}")
 
 
+@app.command()
+def reliability(
+    out: Annotated[Path, typer.Option("--out", help="Report file.")] = Path("RELIABILITY.md"),
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer cases, no zoo runs.")] = False,
+) -> None:
+    """Fuzz recipes, tamper with artifacts, kill runs, check determinism; write the report."""
+    from netpress.reliability import run_all
+
+    if run_all(out, quick=quick, console=out_console):
+        raise typer.Exit(1)
+
+
 def print_comparison(metrics: dict, secondary: dict | None = None, title: str | None = None) -> None:
     """The before/after table on stdout."""
     from netpress.report.html import table_rows
@@ -140,13 +152,17 @@ def print_comparison(metrics: dict, secondary: dict | None = None, title: str | 
 
 def main() -> None:
     """Console entry point with the error policy of the module doc."""
+    from rich.markup import escape
+
     from netpress.core.errors import NetpressError
 
     debug = os.environ.get("NETPRESS_DEBUG") == "1"
     try:
         app(standalone_mode=False)
     except NetpressError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a recipe key like "[/red]" must neither crash rich nor style the terminal
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,
+                          soft_wrap=True, emoji=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted: nothing was written")
@@ -162,7 +178,7 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
-        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc}. "
+        err_console.print(f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))}. "
                           "Re-run with NETPRESS_DEBUG=1 for details and report it.",
                           highlight=False, soft_wrap=True)
         sys.exit(3)

@@ -223,13 +223,21 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
+        # SIGINT/SIGTERM wait until both renames are done (a SIGKILL between them leaves the
+        # previous DIR at .NAME.old-PID, which the next run's _sweep_stale puts back)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(tmp, out)
+            else:
+                old = None
+                os.replace(tmp, out)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
@@ -254,13 +262,18 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _sweep_stale(out: Path) -> None:
-    """Remove temporary dirs left by a run that was SIGKILLed (their process is gone)."""
-    for p in out.parent.glob(f".{out.name}.tmp-*"):
+    """Remove temporary dirs left by a run that was SIGKILLed (their process is gone); a
+    previous DIR it had moved aside (``.NAME.old-PID``) is put back if DIR is missing."""
+    for p in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
         try:
-            pid = int(p.name.split("-")[1])
+            pid = int(p.name[len(out.name) + 1:].split("-")[1])
         except (IndexError, ValueError):
             continue
-        if not _alive(pid):
+        if _alive(pid):
+            continue
+        if ".old-" in p.name[len(out.name) + 1:] and not out.exists():
+            os.replace(p, out)
+        else:
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -13,9 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 _MISSING = object()
+_REPR = reprlib.Repr()  # bounded repr: deep nesting or YAML alias bombs never blow up a message
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
 
 
 class NetpressError(Exception):
@@ -50,12 +53,16 @@ class NetpressError(Exception):
             detail.append(f"got {_short(self.got)}")
         if self.expected:
             detail.append(f"expected {self.expected}")
-        msg = f"{self.where}: {', '.join(detail)}" if detail else self.where
+        where = self.where if len(self.where) <= 200 else self.where[:197] + "..."
+        msg = f"{where}: {', '.join(detail)}" if detail else where
         return f"{msg}. Fix: {self.fix}" if self.fix else msg
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. ints over the 4300-digit str limit
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

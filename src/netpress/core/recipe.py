@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,6 +154,9 @@ def parse_text(text: str, where: str) -> Any:
     if len(text) > 1_000_000:
         raise RecipeError(where, got=f"{len(text)} characters", expected="a recipe under 1 MB",
                           fix="recipes are short; check you passed the right file")
+    if _flow_depth(text) > 64:  # PyYAML needs seconds to hit its recursion limit on [[[[...
+        raise RecipeError(where, got="brackets nested more than 64 deep", expected="a flat recipe",
+                          fix="remove the deeply nested structure")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -166,6 +170,20 @@ def parse_text(text: str, where: str) -> Any:
     except RecursionError:
         raise RecipeError(where, got="nesting too deep", expected="a flat recipe",
                           fix="remove the deeply nested structure") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for e.g. `2020-02-30`, `!!int abc`, 5000-digit ints
+        raise RecipeError(where, got=f"a YAML value that cannot be read ({type(exc).__name__})",
+                          expected="plain strings, numbers, lists and mappings",
+                          fix="quote the value, or fix the date/number it is read as") from None
+
+
+def _flow_depth(text: str) -> int:
+    """Deepest nesting of ``[`` / ``{`` (quotes ignored: an over-estimate only for odd strings)."""
+    depth = deepest = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def _parse_stage(item: Any, where: str) -> Stage:

@@ -99,6 +99,14 @@ def decode_tensors(
     """
     out: dict[str, torch.Tensor] = {}
     aliases = []
+    used = {k + s for k, e in entries.items() for s in (
+        ("",) if not isinstance(e, dict) or e.get("encoding") != "bitmask"
+        else (_SEP + "mask", _SEP + "values"))}
+    if set(file) - used:  # a tensor the manifest does not list was added to the file
+        raise ArtifactError(f"{where}: tensor {sorted(set(file) - used)[0]!r}",
+                            got="a tensor the manifest does not list",
+                            expected="exactly the tensors the manifest lists",
+                            fix="re-save the artifact; the file does not match its manifest")
     for key, entry in sorted(entries.items()):
         enc = entry.get("encoding") if isinstance(entry, dict) else None
         shape = tuple(entry.get("shape", ())) if isinstance(entry, dict) else ()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import pickle
 import threading
 from collections.abc import Iterator
@@ -152,7 +153,10 @@ def load_program(source: Path | bytes, where: str = "program.pt2") -> nn.Module:
     """
     if isinstance(source, Path):
         where = str(source)
+    log = logging.getLogger("torch.export")  # it logs a traceback before raising: not for users
+    level = log.level
     try:
+        log.setLevel(logging.ERROR)
         with _no_pickle():
             program = torch.export.load(io.BytesIO(source) if isinstance(source, bytes)
                                         else str(source))
@@ -161,6 +165,8 @@ def load_program(source: Path | bytes, where: str = "program.pt2") -> nn.Module:
         raise ModelError(where, got=f"{type(exc).__name__}: {str(exc)[:200]}",
                          expected="a torch.export .pt2 file without pickled objects",
                          fix="re-export it with torch.export.save (tensors only)") from None
+    finally:
+        log.setLevel(level)
     example, meta = getattr(program, "example_inputs", None), getattr(module, "meta", None)
     if example is not None and isinstance(meta, dict):
         # GraphModule.meta survives deepcopy (a plain attribute would not)
