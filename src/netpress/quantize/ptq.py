@@ -17,7 +17,7 @@ Steps (all scales and zero points are computed here, by netpress's observers):
    turns the values into ``(scale, zero_point)``; non-negative tensors (ReLU/ReLU6 outputs) get
    uint8 codes with zero point 0, signed ones uint8 asymmetric (or int8 symmetric).
 4. **Weights**: symmetric int8 per output channel (``minmax`` = max|w| / 127, or ``mse``).
-   ``per_tensor`` is honoured, but a layer whose median per-channel weight SQNR under one
+   ``per_tensor`` is honoured, but a layer in which some output channel's weight SQNR under one
    per-tensor scale falls below
    ``per_tensor_min_sqnr_db`` (BN-folded depthwise convs: the published MobileNetV2 collapse) is
    quantized per channel instead, with a warning and a report entry, unless
@@ -123,7 +123,7 @@ class PTQConfig(TechniqueConfig):
     quantize_residual_adds: bool = True
     calibration_examples: int = Field(default=256, ge=1, le=1_000_000)
     per_tensor_fallback: bool = True
-    per_tensor_min_sqnr_db: float = 20.0
+    per_tensor_min_sqnr_db: float = 10.0
 
 
 def _check_data(ctx: StageContext) -> list[Batch]:
@@ -219,8 +219,18 @@ def _weight_scale(w: torch.Tensor, cfg: PTQWeights, per_channel: bool, where: st
     return (flat.amax(1) if per_channel else flat.amax()) / qmax
 
 
-def _per_tensor_sqnr(w: torch.Tensor, bits: int) -> float:
-    """Median over output channels of each channel's SQNR under one per-tensor scale (dB)."""
+def per_tensor_sqnr(w: torch.Tensor, bits: int = 8) -> float:
+    """Worst output channel's SQNR (dB) when the whole weight shares one per-tensor scale.
+
+    All-zero (dead) channels are skipped. After BN folding, MobileNetV2's first conv and first
+    depthwise conv have channels that round to zero under one scale (SQNR ~0 dB): the published
+    per-tensor collapse.
+
+    Example:
+        >>> w = torch.ones(2, 4); w[1] *= 1000
+        >>> round(per_tensor_sqnr(w), 1)
+        0.0
+    """
     qmax = (1 << (bits - 1)) - 1
     w = w.detach().float()
     s = w.abs().max() / qmax
@@ -228,7 +238,21 @@ def _per_tensor_sqnr(w: torch.Tensor, bits: int) -> float:
     err = torch.clamp(torch.round(w / s), -qmax, qmax) * s - w
     sig = (w * w).reshape(w.shape[0], -1).sum(1)  # (O,)
     noise = (err * err).reshape(w.shape[0], -1).sum(1).clamp(min=1e-30)
-    return float((10 * torch.log10(sig.clamp(min=1e-30) / noise)).median())
+    live = sig > 0
+    if not bool(live.any()):
+        return float("inf")
+    return float((10 * torch.log10(sig[live] / noise[live])).min())
+
+
+def per_tensor_collapse(model: nn.Module, bits: int = 8, min_sqnr_db: float = 10.0) -> dict[str, float]:
+    """Layers (Conv2d / Linear) whose worst channel falls below ``min_sqnr_db`` per tensor."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            sq = per_tensor_sqnr(m.weight, bits)
+            if sq < min_sqnr_db:
+                out[name] = round(sq, 2)
+    return out
 
 
 @register("quantize", "ptq", PTQConfig,
@@ -294,7 +318,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         node = nodes[name]
         per_channel = per_channel_default
         if not per_channel:
-            sq = _per_tensor_sqnr(m.weight, config.weights.bits)
+            sq = per_tensor_sqnr(m.weight, config.weights.bits)
             if sq < config.per_tensor_min_sqnr_db:
                 if config.per_tensor_fallback:
                     fallbacks[name] = round(sq, 2)
@@ -331,4 +355,5 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
     return model
 
 
-__all__ = ["PTQActivations", "PTQConfig", "PTQWeights", "calibrate_onnx", "quantize_ptq"]
+__all__ = ["PTQActivations", "PTQConfig", "PTQWeights", "calibrate_onnx", "per_tensor_collapse",
+           "per_tensor_sqnr", "quantize_ptq"]
