@@ -34,6 +34,7 @@ SUITES: dict[str, list[str]] = {
     "quantize": ["netpress.bench.quantize_small:run", "netpress.bench.quantize_cnn:run",
                  "netpress.bench.quantize_minilm:run"],
     "quantize_small": ["netpress.bench.quantize_small:run"],
+    "quantize_cnn": ["netpress.bench.quantize_cnn:run"],
     "prune": ["netpress.bench.prune_structured:run", "netpress.bench.prune_unstructured:run"],
     "distill": ["netpress.bench.distill:run"],
 }
