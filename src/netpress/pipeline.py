@@ -216,12 +216,13 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
     check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     previous = signal.getsignal(signal.SIGTERM)
     in_main = _is_main_thread()
-    if in_main:
+    if in_main:  # before the temp dir exists: a SIGTERM right after mkdtemp must not leak it
         signal.signal(signal.SIGTERM, _raise_interrupt)
+    tmp: Path | None = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         yield tmp
         # SIGINT/SIGTERM wait until both renames are done (a SIGKILL between them leaves the
         # previous DIR at .NAME.old-PID, which the next run's _sweep_stale puts back)
@@ -241,7 +242,8 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_out(out: Path, force: bool) -> None:
