@@ -158,7 +158,11 @@ def main() -> None:
 
     debug = os.environ.get("NETPRESS_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C/SIGTERM and typer.Exit into a code
+        if isinstance(code, int) and code:
+            if code == 130:
+                err_console.print("interrupted: nothing was written")
+            sys.exit(code)
     except NetpressError as exc:
         # escaped: a recipe key like "[/red]" must neither crash rich nor style the terminal
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False,

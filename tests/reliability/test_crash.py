@@ -38,3 +38,21 @@ def test_live_runs_are_not_swept(tmp_path):
     live.mkdir()
     pipeline._sweep_stale(tmp_path / "out")
     assert live.exists()
+
+
+def test_interrupt_inside_a_command_exits_130(monkeypatch, capsys):
+    # typer turns KeyboardInterrupt into a returned 130; main() used to exit 0 ("success")
+    import sys
+
+    import netpress.inspect
+    from netpress import cli
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(netpress.inspect, "inspect_target", boom)
+    monkeypatch.setattr(sys, "argv", ["netpress", "inspect", "zoo:digits_cnn"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 130
+    assert "interrupted" in capsys.readouterr().err
