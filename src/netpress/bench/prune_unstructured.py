@@ -129,10 +129,13 @@ def cnn(data: str, name: str, quick: bool = False) -> list[dict[str, Any]]:
     n_ev = sum(b.size for b in ev)
     rows = [_row(f"{data}_dense", "netpress", "dense fp32", "accuracy", dense_acc, dense_bytes,
                  None, f"{n_ev} held-out examples", threads)]
-    epochs = 2 if quick else 15
+    # digits: 15 epochs, lr 2e-3, prune over the first 60%; MNIST-1D needed longer (15 epochs
+    # at 2e-3 gave a 1.8 pt drop): 20 epochs, lr 3e-3, prune over the first 50%
+    epochs, lr, end = (15, 2e-3, 0.6) if data == "digits" else (20, 3e-3, 0.5)
+    epochs = 2 if quick else epochs
     cfg = {"method": "magnitude", "sparsity": 0.9, "scope": "global", "schedule": "cubic",
-           "prune_steps": 10, "prune_end": 0.6,
-           "finetune": {"epochs": epochs, "lr": 2e-3, "optimizer": "adam"}}
+           "prune_steps": 10, "prune_end": end,
+           "finetune": {"epochs": epochs, "lr": lr, "optimizer": "adam"}}
     pruned, secs, rep = _apply(model, cfg, bundle.calibration, model, train=bundle.train)
     acc = _accuracy(pruned, ev)
     size = _bytes(pruned, name)
