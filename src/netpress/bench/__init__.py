@@ -36,6 +36,7 @@ SUITES: dict[str, list[str]] = {
     "quantize_small": ["netpress.bench.quantize_small:run"],
     "quantize_cnn": ["netpress.bench.quantize_cnn:run"],
     "prune": ["netpress.bench.prune_structured:run", "netpress.bench.prune_unstructured:run"],
+    "prune_unstructured": ["netpress.bench.prune_unstructured:run"],  # the P2/P3/P5-P7 part alone
     "distill": ["netpress.bench.distill:run"],
 }
 
