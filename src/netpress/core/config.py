@@ -169,7 +169,7 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    import netpress.prune  # noqa: F401
-    import netpress.quantize  # noqa: F401
     import netpress.distill  # noqa: F401
     import netpress.lowrank  # noqa: F401
+    import netpress.prune  # noqa: F401
+    import netpress.quantize  # noqa: F401

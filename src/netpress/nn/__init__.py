@@ -12,10 +12,8 @@ Example:
 
 from netpress.nn.lowbit import DynamicQuantLinear, LowBitLinear  # noqa: F401  (Q4, Q6)
 from netpress.nn.ptq import W8A8Conv2d, W8A8Linear  # noqa: F401  (Q3 static W8A8 PTQ)
-from netpress.nn.shared import SharedConv, SharedLinear  # noqa: F401  (A4 weight sharing)
-from netpress.nn.quant import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantLinear
 from netpress.nn.qat import PackedConv1d, PackedConv2d, PackedLinear  # noqa: F401  (Q5/Q7/Q8/Q9)
-from netpress.nn.structured import PrunedBertSelfAttention  # noqa: F401  (P4 heads)
+from netpress.nn.quant import QUANT_CLASSES, QuantConv1d, QuantConv2d, QuantLinear
 from netpress.nn.registry import (
     TORCH_MODULES,
     build_module,
@@ -23,6 +21,8 @@ from netpress.nn.registry import (
     module_spec,
     serializable,
 )
+from netpress.nn.shared import SharedConv, SharedLinear  # noqa: F401  (A4 weight sharing)
+from netpress.nn.structured import PrunedBertSelfAttention  # noqa: F401  (P4 heads)
 
 __all__ = [
     "QUANT_CLASSES",
