@@ -3,7 +3,8 @@
 Cases (ONNX Runtime, 2 threads, batch 1; metric on held-out data):
   * digits CNN, 50% global magnitude pruning: netpress (sparse artifact) vs
     ``torch.nn.utils.prune.global_unstructured`` (same scores, dense safetensors).
-  * MobileNetV2 and digits CNN, int8 per-channel weights: netpress ``int8_weight`` vs
+  * MobileNetV2 and digits CNN, int8 per-channel weights (BN folded first; for MobileNetV2 also
+    the demo's variant with depthwise convs kept fp32): netpress ``int8_weight`` vs
     ``onnxruntime.quantization.quantize_dynamic`` (its defaults) on the fp32 ONNX.
 """
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from netpress.api import apply
 from netpress.bench.common import Bench, artifact_bytes, open_bench, plain_safetensors_bytes, timed
+from netpress.demo import RECIPES
 
 
 def _fp32_row(b: Bench, case: str) -> dict[str, Any]:
@@ -76,6 +78,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         case = "mobilenet_v2_int8_weight"
         rows.append(_fp32_row(b, case))
         rows.append(_netpress(b, case, "quantize", {"method": "int8_weight"}, "int8_weight per-channel"))
+        demo = RECIPES["mobilenet_v2"]["stages"][0]["quantize"]  # depthwise convs kept fp32
+        rows.append(_netpress(b, case, "quantize", demo, "int8_weight per-channel, depthwise fp32"))
         rows.append(_ort_dynamic_anchor(b, case))
     return rows
 

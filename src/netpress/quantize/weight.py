@@ -28,6 +28,7 @@ from pydantic import Field
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import ModelError, RecipeError
 from netpress.core.targeting import select
+from netpress.quantize.fold import fold_batchnorm
 
 DEFAULT_TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -42,6 +43,8 @@ class WeightQuantConfig(TechniqueConfig):
         symmetric: zero point 0 (default); ``false`` stores an int8 zero point per scale.
         targets: module patterns to quantize (default: every Linear, Conv1d and Conv2d).
         ignore: module patterns kept in float.
+        fold_bn: fold each ``Conv -> BatchNorm`` pair first (default), so the exported graph has
+            one conv per pair (unfolded, ONNX Runtime ran MobileNetV2 0.84x of fp32).
     """
 
     method: Literal["int8_weight"] = "int8_weight"
@@ -50,6 +53,7 @@ class WeightQuantConfig(TechniqueConfig):
     symmetric: bool = True
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
+    fold_bn: bool = True
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -86,6 +90,7 @@ def quantize_int8_weight(model: nn.Module, config: TechniqueConfig, ctx: StageCo
     from netpress.nn.quant import QUANT_CLASSES  # here: netpress.nn imports this package
 
     assert isinstance(config, WeightQuantConfig)
+    folded = fold_batchnorm(model) if config.fold_bn else []
     chosen = select(model, config.targets, config.ignore, default=DEFAULT_TARGETS,
                     where="quantize.targets")
     quantized: list[str] = []
@@ -116,7 +121,7 @@ def quantize_int8_weight(model: nn.Module, config: TechniqueConfig, ctx: StageCo
         )
     report: dict[str, Any] = {"bits": config.bits, "granularity": config.granularity,
                               "symmetric": config.symmetric, "quantized": quantized,
-                              "kept_float": kept}
+                              "kept_float": kept, "folded_batchnorm_into": folded}
     ctx.report["int8_weight"] = report
     return model
 
