@@ -32,6 +32,7 @@ class NetpressError(Exception):
     """
 
     exit_code = 2
+    where_limit = 200  # user-typed paths (recipe keys) are shortened past this
 
     def __init__(
         self,
@@ -53,7 +54,8 @@ class NetpressError(Exception):
             detail.append(f"got {_short(self.got)}")
         if self.expected:
             detail.append(f"expected {self.expected}")
-        where = self.where if len(self.where) <= 200 else self.where[:197] + "..."
+        limit = self.where_limit
+        where = self.where if len(self.where) <= limit else self.where[: limit - 3] + "..."
         msg = f"{where}: {', '.join(detail)}" if detail else where
         return f"{msg}. Fix: {self.fix}" if self.fix else msg
 
@@ -72,6 +74,8 @@ class RecipeError(NetpressError):
 
 class ModelError(NetpressError):
     """A model cannot be loaded, traced or compressed as asked."""
+
+    where_limit = 1000  # e.g. both ONNX exporters' reasons, each already summarised
 
 
 class DataError(NetpressError):
