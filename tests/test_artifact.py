@@ -156,7 +156,8 @@ def test_int8_model_reloads_exactly(model: nn.Module, x: torch.Tensor, tmp_path:
         "class": "netpress.nn.QuantLinear",
         "kwargs": {"in_features": 512, "out_features": 40, "bias": True, "bits": 8,
                    "symmetric": False, "granularity": "per_channel"}}
-    assert set(manifest["modules"]) == {"features.0", "features.3", "classifier.1",
+    # features.1 is the BatchNorm int8_weight folded into features.0 (now an Identity)
+    assert set(manifest["modules"]) == {"features.0", "features.1", "features.3", "classifier.1",
                                         "classifier.3"}
     loaded = load(tmp_path / "q")
     assert isinstance(loaded.features[3], QuantConv2d) and isinstance(loaded.classifier[3],

@@ -222,7 +222,12 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
         signal.signal(signal.SIGTERM, _raise_interrupt)
     tmp: Path | None = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        # a signal arriving between mkdtemp and the assignment would leak the dir: hold it back
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         yield tmp
         # SIGINT/SIGTERM wait until both renames are done (a SIGKILL between them leaves the
         # previous DIR at .NAME.old-PID, which the next run's _sweep_stale puts back)
