@@ -35,9 +35,14 @@ SUITES: dict[str, list[str]] = {
                  "netpress.bench.quantize_minilm:run"],
     "quantize_small": ["netpress.bench.quantize_small:run"],
     "quantize_cnn": ["netpress.bench.quantize_cnn:run"],
+    "quantize_minilm": ["netpress.bench.quantize_minilm:run"],
     "prune": ["netpress.bench.prune_structured:run", "netpress.bench.prune_unstructured:run"],
     "prune_unstructured": ["netpress.bench.prune_unstructured:run"],  # the P2/P3/P5-P7 part alone
+    "prune_structured": ["netpress.bench.prune_structured:run"],
     "distill": ["netpress.bench.distill:run"],
+    "plan": ["netpress.bench.plan:run", "netpress.bench.plan_nas:run"],
+    "plan_front": ["netpress.bench.plan:run"],
+    "plan_nas": ["netpress.bench.plan_nas:run"],
 }
 
 
