@@ -120,6 +120,61 @@ def bench(
 
 
 @app.command()
+def plan(
+    target: Annotated[str, typer.Argument(help="Recipe file (its plan: block) or a model, e.g. "
+                                          "zoo:mobilenet_v2.")],
+    out: OutOpt,
+    max_size: Annotated[float | None, typer.Option("--max-size", help="Max artifact MB.")] = None,
+    min_speedup: Annotated[float | None, typer.Option(
+        "--min-speedup", help="Min speed-up vs the original on the same runtime.")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(
+        "--max-latency-ms", help="Max measured latency (ms).")] = None,
+    max_drop: Annotated[float | None, typer.Option(
+        "--max-drop", help="Max metric drop vs the original (metric units).")] = None,
+    budget_minutes: Annotated[float | None, typer.Option(
+        "--budget-minutes", help="Start no new trial after this long.")] = None,
+    trials: Annotated[int | None, typer.Option(
+        "--trials", help="Total trials of the study (resumed ones count).")] = None,
+    runtime: Annotated[str | None, typer.Option(
+        "--runtime", help="onnxruntime | openvino | torch.")] = None,
+    workers: Annotated[str | None, typer.Option(
+        "--workers", help="inprocess (default), ray, or a Ray address.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Search and compression seed.")] = None,
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="Metric to optimise, e.g. top1_agreement_confident.")] = None,
+    speedup_vs: Annotated[str | None, typer.Option(
+        "--speedup-vs", help="Runtime of the reference latency (default: --runtime).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Search compression settings under constraints; write the front and the best artifact.
+
+    The study is stored in DIR.plan.db beside DIR: running the same command again resumes it.
+    """
+    from netpress.search.planner import plan as run_plan
+
+    result = run_plan(target, out, max_size_mb=max_size, min_speedup=min_speedup,
+                      max_latency_ms=max_latency_ms, max_drop=max_drop,
+                      budget_minutes=budget_minutes, trials=trials, runtime=runtime,
+                      workers=workers, seed=seed, metric=metric, speedup_vs=speedup_vs,
+                      force=force)
+    table = Table("trial", "point", "metric", "MB", "ms", "speed-up", "front", title="plan")
+    from netpress.search.space import describe
+
+    for r in result.trials:
+        if r["state"] == "complete":
+            table.add_row(str(r["number"]), describe(r["params"]), f"{r['metric']:.4f}",
+                          f"{r['size_bytes'] / 1e6:.3f}", f"{r['latency_ms']:.3f}",
+                          f"{r['speedup']:.2f}x", "*" if r.get("on_front") else "")
+        else:
+            table.add_row(str(r["number"]), describe(r["params"]), "failed", "", "", "", "")
+    out_console.print(table)
+    best = result.best or {}
+    out_console.print(f"best: trial {best.get('number')} ({describe(best.get('params', {}))}); "
+                      f"study: {result.storage}")
+    out_console.print(f"wrote {result.out}")
+
+
+@app.command()
 def reliability(
     out: Annotated[Path, typer.Option("--out", help="Report file.")] = Path("RELIABILITY.md"),
     quick: Annotated[bool, typer.Option("--quick", help="Fewer cases, no zoo runs.")] = False,

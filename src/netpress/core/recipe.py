@@ -33,6 +33,7 @@ from netpress.core.config import (
     validation_to_recipe_error,
 )
 from netpress.core.errors import RecipeError
+from netpress.search.sensitivity import SensitivityConfig
 
 EXPORTS = ("artifact", "onnx")
 RUNTIMES = ("onnxruntime", "openvino", "torch")
@@ -70,6 +71,46 @@ class _Fields(BaseModel):
     threads: int = Field(default=2, ge=1, le=256)
     batch: int = Field(default=1, ge=1, le=4096)
     eval_limit: int | None = Field(default=None, ge=1, le=10**7)
+    plan: Any = None
+
+
+PlanFamily = Literal["ptq", "int8_weight", "magnitude_int8", "structured_ptq", "mixed"]
+PLAN_FAMILIES: tuple[str, ...] = PlanFamily.__args__  # type: ignore[attr-defined]
+
+
+class PlanSpec(BaseModel):
+    """The optional ``plan:`` block: what ``netpress plan`` searches for (CLI flags override it).
+
+    Attributes:
+        max_size_mb: artifact weight bytes at most this many MB (10^6 bytes).
+        min_speedup: at least this speed-up vs the original model on ``speedup_vs``.
+        max_latency_ms: measured latency at most this.
+        max_drop: metric drop vs the original at most this (metric units).
+        budget_minutes: stop starting new trials after this long (this invocation).
+        trials: total trials of the study (a resumed study counts the ones already done).
+        workers: None/"inprocess", "ray", "ray://HOST:PORT" or "HOST:PORT".
+        speedup_vs: runtime of the reference latency (default: the recipe's ``runtime``).
+        families: technique combinations the search may use (default: all).
+        sensitivity: the per-layer analysis (see :mod:`netpress.search.sensitivity`).
+
+    Example:
+        >>> PlanSpec(max_size_mb=4, families=["ptq"]).trials
+        20
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_size_mb: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    min_speedup: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_latency_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_drop: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    budget_minutes: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    trials: int = Field(default=20, ge=1, le=100_000)
+    workers: str | None = Field(default=None, max_length=300)
+    speedup_vs: Literal["onnxruntime", "openvino", "torch"] | None = None
+    families: list[PlanFamily] = Field(default_factory=lambda: list(PLAN_FAMILIES),  # type: ignore[arg-type]
+                                       min_length=1)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
 
 
 class Recipe(BaseModel):
@@ -83,6 +124,7 @@ class Recipe(BaseModel):
         export: subset of ``artifact`` and ``onnx``.
         seed, runtime, threads, batch: reproducibility and how latency is measured.
         eval_limit: evaluate on at most this many held-out examples (default: all).
+        plan: optional :class:`PlanSpec` read by ``netpress plan`` (``compress`` ignores it).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -98,6 +140,7 @@ class Recipe(BaseModel):
     threads: int = 2
     batch: int = 1
     eval_limit: int | None = None
+    plan: PlanSpec | None = None
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
@@ -118,6 +161,11 @@ class Recipe(BaseModel):
         stages = [_parse_stage(s, f"{where}.stages[{i}]") for i, s in enumerate(fields.stages)]
         values = fields.model_dump()
         values["stages"] = stages
+        if fields.plan is not None:
+            try:
+                values["plan"] = PlanSpec.model_validate(fields.plan)
+            except ValidationError as exc:
+                raise validation_to_recipe_error(exc, f"{where}.plan") from None
         return cls(**values)
 
     @classmethod
@@ -144,8 +192,10 @@ class Recipe(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict that :meth:`from_dict` accepts and that compares equal after a round trip."""
-        out = self.model_dump(exclude={"stages"})
+        out = self.model_dump(exclude={"stages", "plan"})
         out["stages"] = [s.to_dict() for s in self.stages]
+        if self.plan is not None:
+            out["plan"] = self.plan.model_dump(mode="json")
         return out
 
 
@@ -207,4 +257,5 @@ def dumps(recipe: Recipe) -> str:
     return json.dumps(recipe.to_dict(), indent=2, sort_keys=True)
 
 
-__all__ = ["Recipe", "Stage", "parse_text", "dumps", "EXPORTS", "RUNTIMES", "METRICS"]
+__all__ = ["Recipe", "Stage", "PlanSpec", "PLAN_FAMILIES", "parse_text", "dumps", "EXPORTS",
+           "RUNTIMES", "METRICS"]

@@ -1,0 +1,108 @@
+"""One planner trial, as a picklable top-level function: compress, export, measure quality and bytes.
+
+:func:`run_trial` runs wherever the executor puts it (in-process or a Ray worker). It resolves the
+recipe's workload (cached per process, with the original model's outputs on the target runtime as
+the reference), applies the stages, exports the model for the runtime and measures the metrics on
+the **evaluation** split and the artifact's weight bytes, exactly as ``netpress compress`` does.
+
+Latency is *not* measured here for the ONNX runtimes: trials may run in parallel (two Ray workers
+on two cores would disturb each other's timings), so the ONNX file comes back as bytes and the
+driver times it serially, paired with the original model (see :mod:`netpress.search.planner`). For
+``runtime: torch`` the latency is timed here (one trial at a time in-process; with Ray workers the
+timings of concurrent trials can disturb each other, which the report states).
+
+Example:
+    >>> from netpress.search.trial import run_trial  # doctest: +SKIP
+    >>> out = run_trial({"recipe": {"model": "zoo:digits_cnn", "data": "zoo:digits",
+    ...     "stages": [{"quantize": {"method": "int8_weight"}}]}})  # doctest: +SKIP
+    >>> sorted(out)[:3]  # doctest: +SKIP
+    ['compress_seconds', 'latency_ms', 'macs']
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from netpress.core.recipe import Recipe
+
+_CACHE: dict[str, Any] = {}
+
+
+def _weights_bytes(art_dir: Path) -> int:
+    from netpress.measure import file_bytes
+
+    return sum(file_bytes(p) for p in art_dir.glob("*.safetensors"))
+
+
+def workload(recipe: Recipe) -> tuple[Any, list[torch.Tensor], dict[str, Any]]:
+    """(workload, reference outputs of the original on the runtime, the original's quality).
+
+    Cached per process by model, data, metric, seed, eval_limit, runtime, threads and batch.
+    """
+    from netpress.pipeline import deploy, quality, resolve_workload
+
+    d = recipe.to_dict()
+    key = json.dumps({k: d[k] for k in ("model", "data", "metric", "seed", "eval_limit",
+                                         "runtime", "threads", "batch")}, sort_keys=True)
+    if key not in _CACHE:
+        _CACHE.clear()  # one workload at a time: models can be large
+        work = resolve_workload(recipe)
+        example = work.evaluation[0].slice(recipe.batch)
+        with tempfile.TemporaryDirectory(prefix="netpress-plan-ref-") as tmp:
+            dep = deploy(work.model, example, recipe.runtime, recipe.threads, Path(tmp) / "o.onnx")
+            value, secondary, ref = quality(work, dep, None)
+        _CACHE[key] = (work, ref, {**secondary, work.metric: value})
+    return _CACHE[key]
+
+
+def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
+    """Compress ``payload["recipe"]`` and measure it (see the module doc).
+
+    Args:
+        payload: ``{"recipe": recipe dict, "threads": torch threads for compression (optional)}``.
+
+    Returns:
+        ``metrics`` (the main metric and the secondary ones by name), ``size_bytes``,
+        ``params``, ``nonzero_params``, ``macs``,
+        ``compress_seconds``, ``onnx`` (bytes, or None for runtime torch) and ``latency_ms``
+        (None unless runtime torch).
+
+    Raises:
+        Any error of the stages or the export (the executor records it as a failed trial).
+    """
+    from netpress.export.artifact import save_artifact
+    from netpress.measure import count_macs, count_nonzero, count_params
+    from netpress.pipeline import apply_stages, check_finite, deploy, quality
+
+    recipe = Recipe.from_dict(payload["recipe"])
+    if payload.get("threads"):
+        torch.set_num_threads(int(payload["threads"]))
+    torch.manual_seed(recipe.seed)
+    work, ref, _orig = workload(recipe)
+    example = work.evaluation[0].slice(recipe.batch)
+    t0 = time.perf_counter()
+    model, _notes = apply_stages(work.model, recipe, work)
+    seconds = time.perf_counter() - t0
+    check_finite(model, [])
+    with tempfile.TemporaryDirectory(prefix="netpress-plan-trial-") as tmp_name:
+        tmp = Path(tmp_name)
+        dep = deploy(model, example, recipe.runtime, recipe.threads, tmp / "trial.onnx")
+        value, secondary, outputs = quality(work, dep, ref)
+        check_finite(model, outputs)
+        save_artifact(model, tmp / "artifact", source=work.source, recipe=recipe.to_dict())
+        size = _weights_bytes(tmp / "artifact")
+        onnx = dep.onnx_path.read_bytes() if dep.onnx_path is not None else None
+        latency = dep.latency_ms(example) if recipe.runtime == "torch" else None
+    return {"metrics": {k: float(v) for k, v in {**secondary, work.metric: value}.items()},
+            "size_bytes": int(size), "params": count_params(model),
+            "nonzero_params": count_nonzero(model), "macs": count_macs(model, example),
+            "compress_seconds": round(seconds, 3), "onnx": onnx, "latency_ms": latency}
+
+
+__all__ = ["run_trial", "workload"]
