@@ -36,6 +36,7 @@ from pydantic import Field, model_validator
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.data import Batch, as_batches
 from netpress.core.errors import DataError, RecipeError
+from netpress.distill.augment import AugmentConfig, Mix, augment_batch, mixed_ce
 from netpress.distill.features import FeatureTaps, build_adapters, hint_loss
 from netpress.distill.losses import embedding_loss, kd_loss
 from netpress.distill.student import StudentConfig, derive_student
@@ -60,6 +61,8 @@ class DistillConfig(TechniqueConfig):
         student: ``{derive: {width, depth}}`` to derive a student instead of using the input model.
         keep_sparsity: keep weights that are zero at the start at zero (recovery after pruning).
         data: ``train`` (the data's fine-tuning split) or ``calibration``.
+        augment: input augmentation (shift / noise / mixup; see :mod:`netpress.distill.augment`):
+            teacher and student see the same perturbed batch.
         epochs, lr, optimizer, weight_decay, max_steps, seed: the training run.
         checkpoint_dir, checkpoint_every: resumable training (see :class:`TrainConfig`).
     """
@@ -76,6 +79,7 @@ class DistillConfig(TechniqueConfig):
     student: StudentConfig | None = None
     keep_sparsity: bool = True
     data: Literal["train", "calibration"] = "train"
+    augment: AugmentConfig | None = None
     epochs: int = Field(default=2, ge=0, le=10_000)
     lr: float = Field(default=1e-3, gt=0, le=10)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -109,9 +113,12 @@ def _loss_kind(config: DistillConfig, out: torch.Tensor, task: str | None) -> st
 
 
 def _response(kind: str, config: DistillConfig, s: torch.Tensor, t: torch.Tensor,
-              batch: Batch) -> torch.Tensor:
+              batch: Batch, mix: Mix | None = None) -> torch.Tensor:
     if kind == "kd":
-        return kd_loss(s, t, batch.target, config.temperature, config.alpha, config.form)
+        if mix is None or batch.target is None or config.alpha >= 1.0:
+            return kd_loss(s, t, batch.target, config.temperature, config.alpha, config.form)
+        soft = kd_loss(s, t, None, config.temperature, 1.0, config.form)
+        return (1.0 - config.alpha) * mixed_ce(s, batch.target, mix) + config.alpha * soft
     return embedding_loss(s, t, batch.mask, kind)
 
 
@@ -161,11 +168,17 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any,
                 probe.run(teacher)
             adapters = build_adapters(taps, config.adapter)
 
+        gen = torch.Generator().manual_seed(config.seed)
+        aug = config.augment
+
         def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+            mix = None
+            if aug is not None and aug.active:
+                batch, mix = augment_batch(batch, aug, gen)
             with torch.no_grad():
                 t = first_tensor(batch.run(teacher))
             s = first_tensor(batch.run(model))
-            loss = _response(kind, config, s, t, batch)
+            loss = _response(kind, config, s, t, batch, mix)
             if config.features:
                 loss = loss + config.beta * hint_loss(taps, adapters)
             return loss

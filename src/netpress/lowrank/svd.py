@@ -9,7 +9,10 @@ second). The rank comes from exactly one of
     weights);
   * ``rank``: a fixed ``r`` (more than ``min(O, I)`` is a :class:`RecipeError` naming the layer).
 
-A layer whose chosen rank saves nothing (``r·(I+O) >= I·O``) is left dense and listed in the report.
+With ``activation_aware: true`` the truncation is weighted by the layer's real inputs (calibration
+data; SVD-LLM style whitening, layers in forward order, each corrected for the error of the ones
+before it; see :mod:`netpress.lowrank.whiten`). A layer whose chosen rank saves nothing
+(``r·(I+O) >= I·O``) is left dense and listed in the report.
 The result reloads from the artifact (plain ``Sequential``/``Linear`` specs).
 
 Example:
@@ -24,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -31,9 +35,10 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from netpress.core.config import StageContext, TechniqueConfig, register
-from netpress.core.errors import RecipeError
+from netpress.core.errors import DataError, RecipeError
 from netpress.core.targeting import select
 from netpress.lowrank.common import energy_rank, recover, set_module
+from netpress.lowrank.whiten import corrected_weight, layer_moments, whitened_factors
 from netpress.train.loop import TrainConfig
 
 
@@ -45,6 +50,8 @@ class SvdConfig(TechniqueConfig):
         ratio: keep this fraction of each layer's weights, in (0, 1).
         rank: a fixed rank for every targeted layer.
         targets, ignore: module patterns (default targets: every Linear).
+        activation_aware: whiten by the input second moment on the calibration data.
+        damping: diagonal damping of that moment (times its mean diagonal).
         finetune: optional :class:`TrainConfig` run after decomposition.
     """
 
@@ -54,6 +61,8 @@ class SvdConfig(TechniqueConfig):
     rank: int | None = Field(default=None, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
+    activation_aware: bool = False
+    damping: float = Field(default=0.01, gt=0, le=10)
     finetune: TrainConfig | None = None
 
     @model_validator(mode="after")
@@ -97,6 +106,23 @@ def factorize_linear(lin: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
+def _chol(cc: torch.Tensor, damping: float) -> torch.Tensor:
+    eye = torch.eye(cc.shape[0], dtype=cc.dtype)
+    return torch.linalg.cholesky(cc + damping * cc.diagonal().mean().clamp(min=1e-12) * eye)
+
+
+def _from_factors(lin: nn.Linear, first_w: torch.Tensor, second_w: torch.Tensor) -> nn.Sequential:
+    rank = first_w.shape[0]
+    first = nn.Linear(lin.in_features, rank, bias=False)
+    second = nn.Linear(rank, lin.out_features, bias=lin.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(first_w)
+        second.weight.copy_(second_w)
+        if lin.bias is not None:
+            second.bias.copy_(lin.bias.detach())
+    return nn.Sequential(first, second)
+
+
 @register("lowrank", "svd", SvdConfig,
           summary="SVD of Linear layers into two thin Linears; rank from energy, ratio or fixed")
 def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
@@ -105,14 +131,30 @@ def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     chosen = [(n, m) for n, m in select(model, config.targets, config.ignore, default=(nn.Linear,),
                                         where="lowrank.targets") if isinstance(m, nn.Linear)]
     ranks, kept = {}, []
+    original = None
+    if config.activation_aware:
+        if not ctx.data:
+            raise DataError("lowrank.activation_aware", got="no calibration data",
+                            expected="calibration batches", fix="use a zoo data set, or "
+                            "activation_aware: false")
+        original = copy.deepcopy(model).eval()
     for name, lin in chosen:
         out_f, in_f = lin.weight.shape
-        sigma = torch.linalg.svdvals(lin.weight.detach().double())  # (min(O, I),)
+        w, cc = lin.weight.detach().double(), None
+        if original is not None:
+            cc, oc, _ = layer_moments(model.eval(), original, name, ctx.data or [])
+            w = corrected_weight(w, cc, oc, config.damping)
+            sigma = torch.linalg.svdvals(w @ _chol(cc, config.damping))
+        else:
+            sigma = torch.linalg.svdvals(w)  # (min(O, I),)
         r = svd_rank(sigma, out_f, in_f, config, name)
         if r * (out_f + in_f) >= out_f * in_f:
             kept.append(name)
             continue
-        set_module(model, name, factorize_linear(lin, r))
+        if cc is None:
+            set_module(model, name, factorize_linear(lin, r))
+        else:
+            set_module(model, name, _from_factors(lin, *whitened_factors(w, cc, r, config.damping)))
         ranks[name] = r
     ctx.report.update(ranks=ranks, left_dense=kept)
     ctx.report.update(recover(model, ctx, config.finetune, "lowrank"))
