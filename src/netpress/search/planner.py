@@ -53,7 +53,15 @@ from netpress.core.recipe import PlanSpec, Recipe
 from netpress.search import space
 from netpress.search.pareto import LOWER_IS_BETTER, Constraints, binding, pareto_mask
 from netpress.search.sensitivity import SensitivityTable, analyze
+from netpress.search.trial import latency as _latency
 from netpress.search.trial import run_trial, workload
+
+
+class PlanConstraintError(ConstraintError):
+    """No point meets the constraints (exit code 1); the message lists the closest points."""
+
+    where_limit = 4000
+
 
 LATENCY_METHOD = ("timed in the driver process, one model at a time, never while trials run; each "
                   "trial right after the reference model (paired speed-up); the best point "
@@ -121,12 +129,6 @@ def _study_name(recipe: Recipe, spec: PlanSpec, metric: str) -> str:
     return "plan-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _latency(runtime: str, threads: int, path: Path, example: Any) -> float:
-    from netpress.pipeline import Deployed
-
-    return Deployed(runtime, threads, None, path).latency_ms(example)  # type: ignore[arg-type]
-
-
 class _Timer:
     """Reference (original on ``speedup_vs``) and trial latencies, timed one at a time."""
 
@@ -144,18 +146,15 @@ class _Timer:
 
     def original(self, runtime: str | None = None) -> float:
         runtime = runtime or self.runtime
-        if runtime == "torch":
-            from netpress.measure import latency_torch
-
-            return latency_torch(self.model, self.example, threads=self.threads).median_ms
-        assert self.orig_onnx is not None
-        return _latency(runtime, self.threads, self.orig_onnx, self.example)
+        target = self.model if runtime == "torch" else self.orig_onnx
+        return _latency(runtime, self.threads, target, self.example)
 
     def reference(self) -> float:
         return self.original(self.ref_runtime)
 
-    def trial(self, path: Path) -> float:
-        return _latency(self.runtime, self.threads, path, self.example)
+    def trial(self, target: Any) -> float:
+        """``target``: the trial's ONNX file, or its module for runtime torch."""
+        return _latency(self.runtime, self.threads, target, self.example)
 
 
 def plan(
@@ -427,11 +426,11 @@ def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTab
                  f"{r['metric']:.4f}, {r['size_bytes'] / 1e6:.3f} MB, {r['latency_ms']:.2f} ms "
                  f"({r['speedup']:.2f}x); breaks {', '.join(r['violations']) or 'none (re-measured)'}"
                  for r in result.closest]
-        raise ConstraintError(
-            f"no plan meets the constraints ({cons.describe()})",
-            got=f"{len(done)} measured points; binding: {', '.join(result.binding) or 'none'}; "
-                "closest:\n" + "\n".join(lines),
-            expected="at least one point meeting every constraint",
+        raise PlanConstraintError(
+            f"no plan meets the constraints ({cons.describe()}); binding: "
+            f"{', '.join(result.binding) or 'none'}; closest points:\n" + "\n".join(lines) + "\n",
+            got=f"{len(done)} measured points, none meeting every constraint",
+            expected="at least one such point",
             fix=f"relax {' / '.join(result.binding) or 'the constraints'}, raise --trials or "
                 f"--budget-minutes, or add families; the front is in {result.out}/front.json",
         )
@@ -459,7 +458,7 @@ def _verify(cand: dict[str, Any], recipe: Recipe, work: Any, timer: _Timer, cons
     for _ in range(3):
         rounds["orig"].append(timer.original())
         rounds["ref"].append(timer.reference())
-        rounds["best"].append(dep.latency_ms(timer.example))
+        rounds["best"].append(timer.trial(dep.onnx_path or model))
     lat = {k: float(np.min(v)) for k, v in rounds.items()}
     measured = {**secondary, work.metric: value}
     point = {"metric": float(measured[metric]), "size_bytes": cand["size_bytes"],
@@ -476,4 +475,4 @@ def _verify(cand: dict[str, Any], recipe: Recipe, work: Any, timer: _Timer, cons
             "secondary": secondary, "seconds": seconds, "notes": notes, "latency": lat}
 
 
-__all__ = ["PlanResult", "plan", "storage_path", "LATENCY_METHOD"]
+__all__ = ["PlanConstraintError", "PlanResult", "plan", "storage_path", "LATENCY_METHOD"]

@@ -34,6 +34,22 @@ from netpress.core.recipe import Recipe
 _CACHE: dict[str, Any] = {}
 
 
+LATENCY = {"warmup": 10, "runs": 50, "max_seconds": 20.0}  # per measurement (median kept)
+
+
+def latency(runtime: str, threads: int, target: Any, example: Any) -> float:
+    """Median latency (ms) of an ONNX file (or, for ``torch``, a module) on ``runtime``."""
+    from netpress.measure import latency_onnx, latency_torch
+
+    if runtime == "torch":
+        return latency_torch(target, example, threads=threads, **LATENCY).median_ms
+    if runtime == "openvino":
+        from netpress.export.openvino import latency_openvino
+
+        return latency_openvino(target, example, threads=threads, **LATENCY).median_ms
+    return latency_onnx(target, example, threads=threads, **LATENCY).median_ms
+
+
 def _weights_bytes(art_dir: Path) -> int:
     from netpress.measure import file_bytes
 
@@ -98,11 +114,12 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
         save_artifact(model, tmp / "artifact", source=work.source, recipe=recipe.to_dict())
         size = _weights_bytes(tmp / "artifact")
         onnx = dep.onnx_path.read_bytes() if dep.onnx_path is not None else None
-        latency = dep.latency_ms(example) if recipe.runtime == "torch" else None
+        lat_ms = latency("torch", recipe.threads, model, example) if recipe.runtime == "torch" \
+            else None
     return {"metrics": {k: float(v) for k, v in {**secondary, work.metric: value}.items()},
             "size_bytes": int(size), "params": count_params(model),
             "nonzero_params": count_nonzero(model), "macs": count_macs(model, example),
-            "compress_seconds": round(seconds, 3), "onnx": onnx, "latency_ms": latency}
+            "compress_seconds": round(seconds, 3), "onnx": onnx, "latency_ms": lat_ms}
 
 
-__all__ = ["run_trial", "workload"]
+__all__ = ["LATENCY", "latency", "run_trial", "workload"]
