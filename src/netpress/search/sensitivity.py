@@ -304,7 +304,9 @@ def analyze(model: nn.Module, batches: list[Batch], config: SensitivityConfig | 
     ranges = _act_ranges(model, layers, batches) if config.w8a8 else {}
     drop: dict[str, dict[str, float]] = {}
     loss: dict[str, dict[str, float]] = {}
-    for name, module in layers:
+    from netpress.core.progress import track
+
+    for name, module in track(layers, "per-layer sensitivity"):
         original = module.weight.detach().clone()
         drop[name], loss[name] = {}, {}
         settings: list[tuple[str, torch.Tensor, Any]] = []
