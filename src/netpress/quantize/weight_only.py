@@ -150,10 +150,6 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int, search: bool = True
     return codes, scale.reshape(shape), zero.reshape(shape)
 
 
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward once the layer's input is seen."""
-
-
 def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any], name: str,
                    stop: bool = True) -> torch.Tensor:
     """Inputs of ``layer`` on every batch, padding tokens dropped: ``(N, in_features)`` float32.
@@ -164,39 +160,9 @@ def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any], name:
     Raises:
         DataError: no batch reached the layer, or its inputs hold NaN/Inf (the layer is named).
     """
-    rows: list[torch.Tensor] = []
-    mask_now: list[torch.Tensor | None] = [None]
+    from netpress.quantize.sequential import capture_runs, model_runs
 
-    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().to(torch.float32)  # (..., I)
-        mask = mask_now[0]
-        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.bool()]  # (tokens, I)
-        rows.append(x.reshape(-1, x.shape[-1]))
-        if stop:
-            raise _Captured
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask_now[0] = batch.mask
-                try:
-                    batch.run(model)
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
-    if not rows:
-        raise DataError(f"quantize layer {name}", got="no calibration input reached it",
-                        expected="calibration batches whose forward uses this layer",
-                        fix="pass calibration data for this model, or add the layer to `ignore`")
-    x = torch.cat(rows)
-    if not bool(torch.isfinite(x).all()):
-        raise DataError(f"quantize layer {name}", got="NaN/Inf in its calibration inputs",
-                        expected="finite activations",
-                        fix="check the calibration data (and earlier layers) for NaN/Inf")
-    return x
+    return capture_runs(model_runs(model, batches), layer, [], name, stop)[0]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -206,6 +172,41 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 LayerFn = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
+
+
+def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Any],
+                layer_fn: LayerFn) -> dict[str, int]:
+    """Quantize ``layers`` in order, each on its inputs with the earlier ones already quantized.
+
+    Inputs come from the block cache when the model qualifies, else from whole-model forwards;
+    layers fed one tensor share a capture (:mod:`netpress.quantize.sequential`).
+
+    Returns:
+        How many captures each path took: ``{"block": n, "model": m}``.
+    """
+    from netpress.quantize.sequential import BlockCache, capture_runs, model_runs
+
+    cache = BlockCache.build(model, batches, [n for n, _ in layers])
+    counts = {"block": 0, "model": 0}
+    pending = list(layers)
+    while pending:
+        name, module = pending.pop(0)
+        blk = cache.block_of(name) if cache is not None else None
+        if cache is not None and blk is not None and blk >= cache.index:
+            cache.advance_to(model, blk)
+            followers = [(n, m) for n, m in pending if cache.block_of(n) == blk]
+            x, shared = capture_runs(cache.runs(), module, followers, name)
+            counts["block"] += 1
+        else:
+            if cache is not None and cache.index >= 0:
+                cache = None  # a layer outside the blocks changed after their inputs were cached
+            x, shared = capture_runs(model_runs(model, batches), module, pending, name)
+            counts["model"] += 1
+        _set_submodule(model, name, layer_fn(name, module, x))
+        for other in shared:  # fed the same tensor (e.g. q, k, v): same inputs
+            i = next(i for i, (n, _) in enumerate(pending) if n == other)
+            _set_submodule(model, other, layer_fn(other, pending.pop(i)[1], x))
+    return counts
 
 
 def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContext,
@@ -246,14 +247,16 @@ def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContex
     was_training = model.training
     model.eval()
     try:
-        for name, module in layers:
-            x = capture_inputs(model, module, batches, name) if needs_data else None
-            _set_submodule(model, name, layer_fn(name, module, x))
+        captures = _sequential(model, layers, batches, layer_fn) if needs_data else {}
+        if not needs_data:
+            for name, module in layers:
+                _set_submodule(model, name, layer_fn(name, module, None))
     finally:
         model.train(was_training)
     ctx.report[method] = {
         "bits": bits, "group_size": group, "quantized": [n for n, _ in layers], "kept_float": kept,
         "seconds": round(time.perf_counter() - start, 2),
+        "input_captures": captures,
         "execution": ("onnxruntime com.microsoft::MatMulNBits (int4 kernel) after "
                       "export_matmul_nbits; torch: unpacked once to float at first use"
                       if bits == 4 else "unpacked to float at load/first use (torch and ONNX)"),
@@ -297,8 +300,9 @@ def quantize_rtn(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -
     return quantize_linears(model, config, ctx, layer, needs_data=False)
 
 
-__all__ = ["AWQConfig", "GPTQConfig", "LowBitWeights", "RTNConfig", "capture_inputs", "export_matmul_nbits",
-           "check_layer", "clipped_qparams", "quantize_linears", "quantize_rtn", "rtn_codes"]
+__all__ = ["AWQConfig", "GPTQConfig", "LowBitWeights", "RTNConfig", "capture_inputs",
+           "export_matmul_nbits", "check_layer", "clipped_qparams", "quantize_linears", "quantize_rtn",
+           "rtn_codes"]
 
 
 # ---------------------------------------------------------------------------------------------

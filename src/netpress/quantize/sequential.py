@@ -1,0 +1,244 @@
+"""Layer-input capture for the sequential (one layer at a time) weight-only methods: GPTQ, AWQ.
+
+True-sequential quantization needs each layer's inputs with every earlier layer already quantized.
+Re-running the model from its inputs for every layer costs a partial forward per layer (MiniLM:
+36 layers, ~2/3 of the GPTQ time), so two shortcuts are taken, each checked, never assumed:
+
+* **shared inputs**: layers fed the very same tensor object (query/key/value) are captured in one
+  pass (:func:`capture_runs`), since that tensor was computed before any of them ran;
+* **block cache** (:class:`BlockCache`): when the layers live in the blocks of an ``nn.ModuleList``
+  (a transformer's layers) and one checked forward shows that block ``i + 1`` receives exactly
+  block ``i``'s output plus the same other arguments as block 0 (same objects), the inputs of
+  block 0 are captured once and pushed through one block at a time with its quantized layers.
+  Anything else (a block whose extra arguments change, layers outside the blocks) falls back to
+  a forward of the whole model per capture.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from netpress.core.data import Batch
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
+    ...     def forward(self, x):
+    ...         for b in self.blocks:
+    ...             x = b(x)
+    ...         return x
+    >>> net = Net(); names = [f"blocks.{i}.0" for i in range(3)]
+    >>> cache = BlockCache.build(net, [Batch((torch.randn(4, 8),))], names)
+    >>> cache.prefix, cache.block_of("blocks.2.0")
+    ('blocks', 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from netpress.core.errors import DataError
+
+#: one calibration batch as a capture sees it: a callable running the forward, and its token mask
+Run = tuple[Callable[[], Any], "torch.Tensor | None"]
+
+
+class _Captured(Exception):
+    """Raised by a capture hook to stop the forward once the inputs are seen."""
+
+
+def capture_runs(runs: list[Run], layer: nn.Module, followers: list[tuple[str, nn.Module]],
+                 name: str, stop: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Inputs of ``layer`` over ``runs`` (padding dropped), and the followers fed the same tensor.
+
+    A follower shares the input when, on every run, its forward receives the very tensor object
+    ``layer`` received, unmodified (same ``_version``), before the forward reaches a follower that
+    does not share: its input was computed before ``layer`` ran, so quantizing ``layer`` cannot
+    change it. The forward stops there (``stop``), or right after ``layer`` when no follower is
+    given.
+
+    Returns:
+        ``(inputs (N, in_features) float32, names of the sharing followers in call order)``.
+
+    Raises:
+        DataError: no run reached the layer, or its inputs hold NaN/Inf (the layer is named).
+    """
+    rows: list[torch.Tensor] = []
+    mask_now: list[torch.Tensor | None] = [None]
+    seen: list[Any] = [None, 0, []]  # the tensor layer got, its _version, followers sharing it
+    names = {id(m): n for n, m in followers}
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        if seen[0] is not None and stop:  # called again in this run: the first input is enough
+            raise _Captured
+        x = args[0].detach().to(torch.float32)  # (..., I)
+        mask = mask_now[0]
+        if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.bool()]  # (tokens, I)
+        rows.append(x.reshape(-1, x.shape[-1]))
+        seen[0], seen[1] = args[0], args[0]._version
+        if stop and not followers:
+            raise _Captured
+
+    def follower_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        if seen[0] is not None and args and args[0] is seen[0] and args[0]._version == seen[1]:
+            seen[2].append(names[id(mod)])
+        elif seen[0] is not None and stop:
+            raise _Captured
+
+    handles = [layer.register_forward_pre_hook(hook)]
+    handles += [m.register_forward_pre_hook(follower_hook) for _, m in followers]
+    per_run: list[list[str]] = []
+    try:
+        with torch.no_grad():
+            for run, mask in runs:
+                mask_now[0] = mask
+                seen[:] = [None, 0, []]
+                try:
+                    run()
+                except _Captured:
+                    pass
+                if seen[0] is not None:
+                    per_run.append(list(seen[2]))
+    finally:
+        for h in handles:
+            h.remove()
+    if not rows:
+        raise DataError(f"quantize layer {name}", got="no calibration input reached it",
+                        expected="calibration batches whose forward uses this layer",
+                        fix="pass calibration data for this model, or add the layer to `ignore`")
+    x = torch.cat(rows)
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"quantize layer {name}", got="NaN/Inf in its calibration inputs",
+                        expected="finite activations",
+                        fix="check the calibration data (and earlier layers) for NaN/Inf")
+    shared: list[str] = []
+    if len(per_run) == len(runs) == len(rows):
+        for i, n in enumerate(per_run[0]):  # the common prefix, each called once per run
+            if all(len(p) > i and p[i] == n for p in per_run) and n not in shared:
+                shared.append(n)
+            else:
+                break
+    return x, shared
+
+
+def model_runs(model: nn.Module, batches: list[Any]) -> list[Run]:
+    """Whole-model forwards of ``batches`` as :data:`Run` s."""
+    return [(lambda b=b: b.run(model), b.mask) for b in batches]
+
+
+def _first(out: Any) -> Any:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockCache:
+    """Inputs of the blocks of one ``nn.ModuleList``, advanced one block at a time.
+
+    Build with :meth:`build` (``None`` when the model does not qualify); :meth:`runs` gives the
+    forwards of the current block on its cached inputs, :meth:`advance_to` pushes the inputs through
+    blocks (with whatever layers they hold now, i.e. the quantized ones).
+    """
+
+    def __init__(self, prefix: str, blocks: nn.ModuleList, batches: list[Any]) -> None:
+        self.prefix, self.blocks, self.batches = prefix, blocks, batches
+        self.index = -1  # the block whose inputs are cached (-1: none captured yet)
+        self.inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    @classmethod
+    def build(cls, model: nn.Module, batches: list[Any], layer_names: list[str]
+              ) -> BlockCache | None:
+        """The ModuleList holding the most of ``layer_names`` (in >= 2 blocks), if its data flow
+        checks out on the first batch; else ``None``."""
+        best: tuple[int, str, nn.ModuleList] | None = None
+        for prefix, mod in model.named_modules():
+            if not isinstance(mod, nn.ModuleList) or not prefix or len(mod) < 2:
+                continue
+            hits = {n.split(".")[len(prefix.split("."))] for n in layer_names
+                    if n.startswith(prefix + ".")}
+            if len(hits) >= 2 and (best is None or len(hits) > best[0]):
+                best = (len(hits), prefix, mod)
+        if best is None or not batches:
+            return None
+        cache = cls(best[1], best[2], batches)
+        return cache if cache._flow_checks(model) else None
+
+    def _flow_checks(self, model: nn.Module) -> bool:
+        """One forward of the first batch: block i+1 gets block i's output and block 0's other
+        arguments, as the very same objects."""
+        seen: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append((args, dict(kwargs), None))
+
+        def post(_m: nn.Module, _args: Any, _kwargs: Any, out: Any) -> None:
+            seen[-1] = (*seen[-1][:2], out)
+
+        handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in self.blocks]
+        handles += [b.register_forward_hook(post, with_kwargs=True) for b in self.blocks]
+        try:
+            with torch.no_grad():
+                self.batches[0].run(model)
+        except Exception:  # noqa: BLE001 - any surprise: no block cache, the plain path runs
+            return False
+        finally:
+            for h in handles:
+                h.remove()
+        if len(seen) != len(self.blocks) or not seen[0][0]:
+            return False
+        args0, kw0, _ = seen[0]
+        for (args, kw, _), (_, _, prev_out) in zip(seen[1:], seen[:-1], strict=True):
+            if not args or args[0] is not _first(prev_out) or len(args) != len(args0):
+                return False
+            if any(a is not b for a, b in zip(args[1:], args0[1:], strict=True)):
+                return False
+            if kw.keys() != kw0.keys() or any(kw[k] is not kw0[k] for k in kw):
+                return False
+        return True
+
+    def block_of(self, name: str) -> int | None:
+        """Index of the block holding layer ``name``, or ``None``."""
+        if not name.startswith(self.prefix + "."):
+            return None
+        part = name[len(self.prefix) + 1:].split(".")[0]
+        return int(part) if part.isdigit() and int(part) < len(self.blocks) else None
+
+    def _capture_block0(self, model: nn.Module) -> None:
+        def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.inputs.append((tuple(args), dict(kwargs)))
+            raise _Captured
+
+        handle = self.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for b in self.batches:
+                    try:
+                        b.run(model)
+                    except _Captured:
+                        pass
+        finally:
+            handle.remove()
+        if len(self.inputs) != len(self.batches):
+            raise DataError(f"quantize block {self.prefix}.0", got="batches that skip the block",
+                            expected="every calibration batch to run it",
+                            fix="check the calibration data for this model")
+        self.index = 0
+
+    def advance_to(self, model: nn.Module, index: int) -> None:
+        """Cache the inputs of block ``index`` (forward through the blocks before it)."""
+        if self.index < 0:
+            self._capture_block0(model)
+        with torch.no_grad():
+            while self.index < index:
+                block = self.blocks[self.index]
+                self.inputs = [((_first(block(*a, **k)), *a[1:]), k) for a, k in self.inputs]
+                self.index += 1
+
+    def runs(self) -> list[Run]:
+        """Forwards of the current block on its cached inputs."""
+        block = self.blocks[self.index]
+        return [(lambda a=a, k=k: block(*a, **k), b.mask)
+                for (a, k), b in zip(self.inputs, self.batches, strict=True)]
+
+
+__all__ = ["BlockCache", "Run", "capture_runs", "model_runs"]
