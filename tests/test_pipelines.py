@@ -190,3 +190,16 @@ def test_deep_compression_recipe_on_digits_cnn(tmp_path):
     assert m["original"]["metric"] - m["compressed"]["metric"] < 0.03
     back = netpress.load(tmp_path / "out")
     assert isinstance(back[0], SharedConv)
+
+
+def test_bench_distill_helpers():
+    from netpress.bench.distill import _rebatch, _recovered
+    from netpress.core.data import as_batches
+
+    X, y = torch.randn(70, 4), torch.arange(70) % 3
+    big = _rebatch(as_batches((X, y), batch_size=32), 64)
+    assert [b.size for b in big] == [64, 6]
+    assert torch.equal(torch.cat([b.inputs[0] for b in big]), X)
+    assert torch.equal(torch.cat([b.target for b in big]), y)
+    assert _recovered(0.97, 0.95, 0.975) == "80%"
+    assert _recovered(0.97, 0.98, 0.975).startswith("n/a")

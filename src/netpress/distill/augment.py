@@ -6,7 +6,7 @@ KD transfers the teacher's *function*; showing the student the teacher's answers
 mixed labels), so a comparison stays fair.
 
 * ``shift``: circular shift by a uniform integer in ``[-shift, shift]`` along the last axis (1-D
-  signals) or the last two (images), one draw per batch.
+  signals) or each of the last two (images), one draw per batch.
 * ``noise``: Gaussian noise of ``noise`` times the batch's standard deviation.
 * ``mixup``: convex mixes ``λ·x + (1-λ)·x[perm]``, ``λ ~ Beta(mixup, mixup)`` per example;
   the label term then uses ``λ·CE(y) + (1-λ)·CE(y[perm])``.
@@ -68,9 +68,9 @@ def augment_batch(batch: Batch, config: AugmentConfig,
                         fix="drop the augment block for this data")
     x = batch.inputs[0]
     if config.shift:
-        s = int(torch.randint(-config.shift, config.shift + 1, (1,), generator=gen))
         dims = (-1,) if x.dim() <= 3 else (-2, -1)
-        x = torch.roll(x, (s,) * len(dims), dims=dims)
+        s = torch.randint(-config.shift, config.shift + 1, (len(dims),), generator=gen).tolist()
+        x = torch.roll(x, tuple(s), dims=dims)
     if config.noise:
         x = x + config.noise * x.std() * torch.randn(x.shape, generator=gen, dtype=x.dtype)
     mix = None
