@@ -84,7 +84,7 @@ def _nbytes(model: nn.Module) -> int:
 # three get (KD transfers the teacher's function on the perturbed inputs; labels-only gets the
 # same perturbations, mixup with mixed labels).
 KD_SETUP: dict[str, dict[str, Any]] = {
-    "digits": {"width": 0.15, "epochs": 40, "batch": 32, "lr": 0.01,
+    "digits": {"width": 0.25, "epochs": 40, "batch": 32, "lr": 0.01,
                "augment": {"shift": 1, "noise": 0.05, "mixup": 1.0}},
     "mnist1d": {"width": 0.4, "epochs": 40, "batch": 128, "lr": 0.01,
                 "augment": {"shift": 3, "noise": 0.05, "mixup": 1.0}},
