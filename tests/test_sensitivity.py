@@ -96,3 +96,14 @@ def test_constraints_and_binding():
     names, closest = binding([P(0.5, 9, 1, 0.5)], c, 1.0)
     assert names == ["max_drop", "max_size_bytes", "min_speedup"] and closest == [0]
     assert Constraints(max_latency_ms=1).violations(P(1, 1, 2.0), 1.0) == {"max_latency_ms": 1.0}
+
+
+@pytest.mark.parametrize("name", ["netpress.search.sensitivity", "netpress.search.pareto",
+                                  "netpress.search.space", "netpress.search.planner",
+                                  "netpress.search.plan_report", "netpress.search.trial"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and (result.attempted > 0 or name.endswith("trial"))

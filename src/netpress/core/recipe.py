@@ -90,6 +90,8 @@ class PlanSpec(BaseModel):
         trials: total trials of the study (a resumed study counts the ones already done).
         workers: None/"inprocess", "ray", "ray://HOST:PORT" or "HOST:PORT".
         speedup_vs: runtime of the reference latency (default: the recipe's ``runtime``).
+        metric: the metric optimised and limited by ``max_drop`` (default: the recipe's metric;
+            e.g. ``top1_agreement_confident``, a secondary metric measured for classifiers).
         families: technique combinations the search may use (default: all).
         sensitivity: the per-layer analysis (see :mod:`netpress.search.sensitivity`).
 
@@ -108,6 +110,7 @@ class PlanSpec(BaseModel):
     trials: int = Field(default=20, ge=1, le=100_000)
     workers: str | None = Field(default=None, max_length=300)
     speedup_vs: Literal["onnxruntime", "openvino", "torch"] | None = None
+    metric: str | None = Field(default=None, max_length=64)
     families: list[PlanFamily] = Field(default_factory=lambda: list(PLAN_FAMILIES),  # type: ignore[arg-type]
                                        min_length=1)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)

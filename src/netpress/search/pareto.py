@@ -14,7 +14,7 @@ Example:
     [True, True, False]
     >>> c = Constraints(max_size_bytes=3, max_drop=0.02)
     >>> c.violations({"metric": 0.95, "size_bytes": 2, "latency_ms": 1, "speedup": 1}, 1.0)
-    {'max_drop': 0.015}
+    {'max_drop': 0.03}
 """
 
 from __future__ import annotations

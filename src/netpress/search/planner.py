@@ -218,14 +218,14 @@ def plan(
     spec = _spec(recipe, dict(max_size_mb=max_size_mb, min_speedup=min_speedup,
                               max_latency_ms=max_latency_ms, max_drop=max_drop,
                               budget_minutes=budget_minutes, trials=trials, workers=workers,
-                              speedup_vs=speedup_vs, families=families))
+                              speedup_vs=speedup_vs, families=families, metric=metric))
     base = Recipe.from_dict({**recipe.to_dict(), **updates})
     torch.manual_seed(base.seed)
     torch.set_num_threads(base.threads)
     start = time.perf_counter()
     status("measuring the original model")
     work, _ref, orig_quality = workload(base)
-    metric = metric or work.metric
+    metric = spec.metric or work.metric
     if metric not in orig_quality:
         raise RecipeError("plan metric", got=metric,
                           expected=f"one of {', '.join(k for k in orig_quality if k != 'confident_count')}",
