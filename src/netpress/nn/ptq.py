@@ -133,6 +133,15 @@ class _W8A8(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.accumulate(x)
+        if self.quantize_output:
+            oq = self.out_qrange
+            y = fake_quant(y, self.output_scale, self.output_zero_point, oq[0], oq[1])
+        return y
+
+    def accumulate(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output before any output quantization: quantized input, integer
+        accumulator, requantisation scale and float bias (see the module doc)."""
         qmin, qmax = self.act_qrange
         z = self.input_zero_point.to(x.dtype)
         codes = torch.clamp(torch.round(x / self.input_scale) + z, qmin, qmax)  # integer codes
@@ -141,9 +150,6 @@ class _W8A8(nn.Module):
         y = acc * (self.input_scale * self.weight_scale).reshape(view if self.per_channel else [])
         if self.bias is not None:
             y = y + self.bias.reshape(view)
-        if self.quantize_output:
-            oq = self.out_qrange
-            y = fake_quant(y, self.output_scale, self.output_zero_point, oq[0], oq[1])
         return y
 
     def _repr(self) -> str:

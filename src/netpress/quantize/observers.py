@@ -75,6 +75,7 @@ class Observer:
         self.lo: torch.Tensor | None = None
         self.hi: torch.Tensor | None = None
         self.count = 0
+        self._seen = (0.0, 0.0)
 
     # ----------------------------------------------------------------------------- collection
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +101,15 @@ class Observer:
                             fix="clean the calibration data (normalise inputs, drop corrupt "
                             "examples) or add this layer to `ignore`")
         rows = self._rows(x)
+        self._seen = (float(lo), float(hi))  # the extremes of this batch (one pass over x)
         self._observe(rows)
         self.count += 1
 
     def _observe(self, rows: torch.Tensor) -> None:
-        lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # (R,)
+        if rows.shape[0] == 1:
+            lo, hi = (torch.tensor([v]) for v in self._seen)
+        else:
+            lo, hi = rows.amin(dim=1), rows.amax(dim=1)  # (R,)
         if self.lo is None or self.hi is None:
             self.lo, self.hi = lo, hi
         else:
@@ -211,7 +216,7 @@ class _HistogramObserver(Observer):
 
     def _observe(self, rows: torch.Tensor) -> None:
         x = rows.reshape(-1)
-        lo, hi = (float(v) for v in torch.aminmax(x))
+        lo, hi = self._seen  # from update(): no second pass over the values
         if x.numel() > _SAMPLE:  # the histogram of an evenly strided sample (extremes are exact)
             x = x[:: x.numel() // _SAMPLE]
         if self.hist is None or self.lo is None or self.hi is None:

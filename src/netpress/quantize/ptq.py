@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 import warnings
@@ -112,6 +113,12 @@ class PTQConfig(TechniqueConfig):
         quantize_residual_adds: quantize outputs of layers feeding an Add (default true).
         calibration_examples: examples used for calibration (default 256).
         per_tensor_fallback / per_tensor_min_sqnr_db: see the module doc, step 4.
+        calibration_runtime: ``torch`` (forward hooks on the float model, the default: no copy
+            of every intermediate tensor) or ``onnxruntime`` (the exported fp32 graph with the
+            observed tensors added as outputs). Both see the same float values.
+        bias_correction: empirical, sequential bias correction of every W8A8 conv after
+            quantization (:mod:`netpress.quantize.bias_correction`) on the first
+            ``bias_correction_examples`` calibration examples, run as one batch.
     """
 
     method: Literal["ptq"] = "ptq"
@@ -124,6 +131,9 @@ class PTQConfig(TechniqueConfig):
     calibration_examples: int = Field(default=256, ge=1, le=1_000_000)
     per_tensor_fallback: bool = True
     per_tensor_min_sqnr_db: float = 10.0
+    calibration_runtime: Literal["torch", "onnxruntime"] = "torch"
+    bias_correction: bool = False
+    bias_correction_examples: int = Field(default=64, ge=1, le=4096)
 
 
 def _check_data(ctx: StageContext) -> list[Batch]:
@@ -133,6 +143,21 @@ def _check_data(ctx: StageContext) -> list[Batch]:
                         expected="at least one calibration batch",
                         fix="give the recipe `data:` (e.g. zoo:photos) or pass data= to quantize()")
     return list(data)
+
+
+def _first_inputs(batches: list[Batch], n: int) -> torch.Tensor:
+    """The first ``n`` examples' (single, positional) input tensor, concatenated."""
+    xs, have = [], 0
+    for b in batches:
+        if have >= n:
+            break
+        if isinstance(b.inputs, dict) or len(b.inputs) != 1:
+            raise DataError("ptq bias_correction data", got="multi-input batches",
+                            expected="one positional input tensor per batch",
+                            fix="set bias_correction: false for this model")
+        xs.append(b.inputs[0][: n - have])
+        have += len(xs[-1])
+    return torch.cat(xs)
 
 
 def _graph_layers(graph: onnx.GraphProto, modules: dict[str, nn.Module]) -> dict[str, onnx.NodeProto]:
@@ -191,6 +216,58 @@ def calibrate_onnx(path: Path, tensors: dict[str, str], batches: list[Batch], ob
             if name in observers:
                 observers[name].update(torch.from_numpy(np.asarray(value)))
         seen += n
+    if seen == 0:
+        raise DataError("ptq calibration data", got="0 examples", expected="at least one",
+                        fix="pass non-empty calibration batches")
+    return observers
+
+
+def calibrate_torch(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str],
+                    tensors: dict[str, str], batches: list[Batch], observer: str, bits: int,
+                    symmetric: bool, percentile: float, limit: int) -> dict[str, Any]:
+    """Observe activations of the float ``model`` with forward hooks (no ONNX run).
+
+    Args:
+        model: the float (BN-folded) model.
+        inputs: module name -> the graph tensor name of its input (observed before the module).
+        outputs: module name -> the graph tensor name of its output (observed after it).
+        tensors: tensor name -> the layer description used in errors.
+        batches, observer, bits, symmetric, percentile, limit: as :func:`calibrate_onnx`.
+
+    Returns:
+        tensor name -> its fitted observer (each tensor observed once, by its first reader).
+
+    Raises:
+        DataError: NaN/Inf activations (naming the layer) or no examples.
+    """
+    opts = {"percentile": percentile} if observer == "percentile" else {}
+    observers = {t: make_observer(observer, bits=bits, symmetric=symmetric,
+                                  where=f"{layer} (tensor {t})", **opts)
+                 for t, layer in tensors.items()}
+    owner_in: dict[str, str] = {}
+    for name, t in inputs.items():
+        owner_in.setdefault(t, name)
+    modules = dict(model.named_modules())
+    hooks = []
+    for t, name in owner_in.items():
+        hooks.append(modules[name].register_forward_pre_hook(
+            lambda _m, args, t=t: observers[t].update(args[0])))
+    for name, t in outputs.items():
+        hooks.append(modules[name].register_forward_hook(
+            lambda _m, _a, y, t=t: observers[t].update(y)))
+    seen = 0
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                if seen >= limit:
+                    break
+                n = min(batch.size, limit - seen)
+                b = batch.slice(n) if n < batch.size else batch
+                b.run(model)
+                seen += n
+    finally:
+        for h in hooks:
+            h.remove()
     if seen == 0:
         raise DataError("ptq calibration data", got="0 examples", expected="at least one",
                         fix="pass non-empty calibration batches")
@@ -310,8 +387,14 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
                 tensors.setdefault(node.output[0], f"{name} output")
         del makers
         a = config.activations
-        observers = calibrate_onnx(path, tensors, batches, a.observer, a.bits, a.symmetric,
-                                   a.percentile, config.calibration_examples)
+        if config.calibration_runtime == "onnxruntime":
+            observers = calibrate_onnx(path, tensors, batches, a.observer, a.bits, a.symmetric,
+                                       a.percentile, config.calibration_examples)
+        else:
+            observers = calibrate_torch(model, {n: nodes[n].input[0] for n in chosen},
+                                        out_quant, tensors, batches, a.observer, a.bits,
+                                        a.symmetric, a.percentile, config.calibration_examples)
+    float_model = copy.deepcopy(model) if config.bias_correction else None
     fallbacks: dict[str, float] = {}
     per_channel_default = config.weights.granularity == "per_channel"
     for name, m in chosen.items():
@@ -339,6 +422,12 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
                 q.qweight.clamp_(-qmax, qmax)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
+    shifts: dict[str, float] = {}
+    if float_model is not None:
+        from netpress.quantize.bias_correction import bias_correct
+
+        x = _first_inputs(batches, config.bias_correction_examples)
+        shifts = bias_correct(float_model, model, x)
     if fallbacks:
         warnings.warn(f"ptq: per_tensor weights collapse on {len(fallbacks)} layers (weight SQNR "
                       f"below {config.per_tensor_min_sqnr_db} dB, e.g. "
@@ -349,6 +438,8 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         "per_tensor_fallback": fallbacks, "quantized_outputs": sorted(out_quant),
         "observer": a.observer, "calibration_examples": min(
             config.calibration_examples, sum(b.size for b in batches)),
+        "bias_correction": {k: round(v, 5) for k, v in shifts.items()},
+        "calibration_runtime": config.calibration_runtime,
         "seconds": round(time.perf_counter() - t0, 2),
         "execution": "integer kernels via the QDQ ONNX graph (ONNX Runtime / OpenVINO)",
     }
