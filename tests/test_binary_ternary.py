@@ -136,3 +136,23 @@ def test_unsupported_layers_and_bad_config(data: list[Batch]) -> None:
     broken[3].weight.data[0, 0, 0] = float("inf")
     with pytest.raises(ModelError, match="^3: .*NaN/Inf"):
         quantize(broken, {"method": "ternary"}, data=data)
+
+
+def test_last_bits_and_fp16_scales_count_every_byte(data: list[Batch], tmp_path) -> None:
+    ctx = StageContext(data=data)
+    from netpress.quantize.binary import BinaryConfig, quantize_binary
+
+    q = quantize_binary(tiny_net(), BinaryConfig(last_bits=2, finetune={"epochs": 1}), ctx)
+    first, last = q[0], q[10]
+    assert first.bits == 8 and last.bits == 2 and last.weight_mode == "int"
+    assert first.weight_scale.dtype == last.weight_scale.dtype == torch.float16
+    rep = ctx.report["binary"]
+    assert rep["bits_per_layer"] == {"0": 8, "3": 1, "6": 1, "10": 2}
+    # codes: 24 B (8-bit), 48 B + 96 B (1-bit), 384 * 2 / 8 = 96 B (2-bit); scales 8+16+16+3 fp16
+    assert rep["weight_bytes"] == 24 + 48 + 96 + 96 + 2 * (8 + 16 + 16 + 3)
+    state = sum(t.numel() * t.element_size() for t in q.state_dict().values())
+    assert rep["weight_bytes"] + rep["other_tensor_bytes"] == state
+    _check_reload_and_onnx(q, data, tmp_path, "last2")
+    binary_last = quantize(tiny_net(), {"method": "binary", "last_bits": 1,
+                                        "finetune": {"epochs": 0}}, data=data)
+    assert binary_last[10].weight_mode == "binary" and binary_last[0].bits == 8

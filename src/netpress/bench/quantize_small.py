@@ -3,14 +3,17 @@
 Cases (``digits_*``: the zoo digits CNN on sklearn digits; ``mnist1d_*``: the zoo MNIST-1D CNN):
 fp32, ONNX Runtime ``quantize_static`` (QDQ, per-channel, MinMax, no training: the anchor in the same
 process), netpress ``qat`` W4A8 (max-scaled STE, and LSQ), ``binary`` BWN and XNOR (first/last layer
-8-bit; BWN also with 4-bit first/last), ``ternary`` TWN, ``mixed`` {2, 4, 8} bits at 1/10 of the fp32
+8-bit; BWN also with 4-bit first/last, and 8-bit first with a 4- or 2-bit last layer), ``ternary``
+TWN, ``mixed`` {2, 4, 8} bits at 1/10 of the fp32
 weight bytes. Fine-tuning uses the bundle's ``train`` split; calibration/sensitivity the
 ``calibration`` split; accuracy is measured on the held-out ``evaluation`` split *in ONNX Runtime*
 on the exported file (QDQ int8 for QAT; DequantizeLinear on int8 codes for the low-bit weights).
 
 ``size_bytes`` is the artifact's tensor file (``model.safetensors``: packed codes, scales, biases,
 BN); the notes give the weight bytes (packed codes + per-channel scales of every Linear/Conv,
-8-bit first/last layers included) against the fp32 weights of the same layers. With
+8-bit first/last layers included) against the fp32 weights of the same layers, the biases and BN
+bytes left out of that count, the gap to fp32 in points and held-out examples, and for binary with
+8-bit first/last layers the best ratio the architecture allows. With
 ``NETPRESS_BENCH_SEEDS=3`` the fine-tuned methods run with 3 seeds (batch order) and the notes give
 the mean torch accuracy on the evaluation split.
 """
@@ -58,10 +61,15 @@ def _netpress(b: Bench, case: str, method: str, config: dict[str, Any], seeds: i
     d = b.deployed(model, case)
     notes = [note, f"weight bytes {rep['weight_bytes']:,} vs fp32 {rep['fp32_weight_bytes']:,} "
              f"({rep['weight_ratio']:.1f}x smaller)"]
+    if "other_tensor_bytes" in rep:
+        total = rep["weight_bytes"] + rep["other_tensor_bytes"]
+        notes.append(f"weight bytes = packed codes + fp16 per-channel scales of every Conv/Linear; "
+                     f"biases + BN (float32) {rep['other_tensor_bytes']:,} B more "
+                     f"({rep['fp32_weight_bytes'] / total:.1f}x counting them)")
     if seeds > 1:
         notes.append(f"torch accuracy over {seeds} seeds: mean {np.mean(accs):.4f} "
                      f"(min {min(accs):.4f}, max {max(accs):.4f})")
-    if "bits_per_layer" in rep:
+    if "bits_per_layer" in rep and method.startswith("mixed"):
         notes.append("bits per layer " + ", ".join(f"{k}:{v}" for k, v in
                                                    rep["bits_per_layer"].items()))
     if rep.get("kept_float"):
@@ -114,6 +122,11 @@ def _cases(b: Bench, prefix: str, epochs: int, seeds: int) -> list[dict[str, Any
     rows.append(_netpress(b, f"{prefix}_binary_bwn_fl4", "binary BWN, first/last 4-bit",
                           {"method": "binary", "variant": "bwn", "first_last_bits": 4,
                            "finetune": ft_bin}, 1, "codes unpacked at load, float activations"))
+    for last in (4, 2):
+        rows.append(_netpress(b, f"{prefix}_binary_bwn_l{last}", f"binary BWN, first 8-bit, "
+                              f"last {last}-bit", {"method": "binary", "variant": "bwn",
+                                                   "last_bits": last, "finetune": ft_bin}, 1,
+                              "codes unpacked at load, float activations"))
     rows.append(_netpress(b, f"{prefix}_binary_xnor", "binary XNOR (binary activations)",
                           {"method": "binary", "variant": "xnor", "finetune": ft_bin}, 1,
                           "inputs of binary layers: {0,1}·s (learned s) after ReLU"))
@@ -123,7 +136,28 @@ def _cases(b: Bench, prefix: str, epochs: int, seeds: int) -> list[dict[str, Any
     rows.append(_netpress(b, f"{prefix}_mixed", "mixed {2,4,8} bits, size_ratio 10",
                           {"method": "mixed", "bits": [2, 4, 8], "size_ratio": 10,
                            "finetune": ft}, 1, "sensitivity on the calibration split"))
+    n = sum(x.size for x in b.work.evaluation)
+    for r in rows[1:]:  # the gap a target is about, and how fine the evaluation split resolves it
+        gap = (rows[0]["metric"] - r["metric"]) * 100
+        r["notes"] = (f"fp32 minus this: {gap:+.2f} pts ({round(gap * n / 100):+d} of {n} held-out "
+                      f"examples; 1 example = {100 / n:.2f} pts); " + r["notes"])
+    bound = _binary_bound(b.work.model)
+    for r in rows:
+        if r["case"].endswith("_binary_bwn"):
+            r["notes"] += "; " + bound
     return rows
+
+
+def _binary_bound(model: torch.nn.Module) -> str:
+    """The best weight-byte ratio binary with 8-bit first/last layers can reach on ``model``."""
+    layers = [m for m in model.modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))]
+    fp32 = sum(m.weight.numel() * 4 for m in layers)
+    edge = layers[0].weight.numel() + layers[-1].weight.numel()  # 1 byte each at 8 bits
+    middle = sum(m.weight.numel() for m in layers[1:-1]) / 8
+    return (f"bound with first/last 8-bit: their codes {edge:,} B + binary codes {middle:,.0f} B "
+            f"-> at most {fp32 / (edge + middle):.1f}x even with free scales (the last layer "
+            f"holds {layers[-1].weight.numel() * 4 / fp32:.0%} of the fp32 weights)")
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:

@@ -61,7 +61,10 @@ class BinaryConfig(TechniqueConfig):
         activations: ``float`` or ``binary`` (default: ``binary`` for xnor, else ``float``).
         first_last_bits: bits (2..8) of the first and last quantized layers; ``null`` binarizes
             them too.
-        scale_dtype: dtype of the stored ``α`` (``float16`` or ``float32``).
+        last_bits: bits (1..8) of the last layer alone, overriding ``first_last_bits`` there (the
+            classifier often holds most of a small CNN's weights); 1 binarizes it.
+        scale_dtype: dtype of every stored per-channel scale (``α`` and the scales of the
+            ``first_last_bits`` layers): ``float16`` or ``float32``.
         fold_bn: fold BatchNorm into the preceding conv first (off by default).
         finetune: the shared fine-tuning loop's settings.
         targets, ignore: module patterns (default: every Linear, Conv1d and Conv2d).
@@ -71,6 +74,7 @@ class BinaryConfig(TechniqueConfig):
     variant: Literal["binaryconnect", "bwn", "xnor"] = "bwn"
     activations: Literal["float", "binary"] | None = None
     first_last_bits: int | None = Field(default=8, ge=2, le=8, strict=True)
+    last_bits: int | None = Field(default=None, ge=1, le=8, strict=True)
     scale_dtype: Literal["float16", "float32"] = "float16"
     fold_bn: bool = False
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, lr=1e-3))
@@ -81,7 +85,8 @@ class BinaryConfig(TechniqueConfig):
 def run_lowbit(model: nn.Module, ctx: StageContext, *, method: str, weight_mode: str,
                act: dict[str, Any] | None, first_last_bits: int | None, scale_dtype: str,
                fold_bn: bool, finetune: TrainConfig, targets: list[str] | None,
-               ignore: list[str], threshold: float = 0.7) -> tuple[nn.Module, dict[str, Any]]:
+               ignore: list[str], threshold: float = 0.7, last_bits: int | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
     """Shared body of ``binary`` and ``ternary``: plan, wrap, calibrate, fine-tune, convert.
 
     Returns:
@@ -89,24 +94,31 @@ def run_lowbit(model: nn.Module, ctx: StageContext, *, method: str, weight_mode:
     """
     folded = fold_batchnorm(model) if fold_bn else []
     layers, kept = select_layers(model, targets, ignore, method)
-    edge = {layers[0][0], layers[-1][0]} if first_last_bits is not None else set()
+    edge = {layers[0][0]: first_last_bits, layers[-1][0]: first_last_bits}
+    if last_bits is not None:
+        edge[layers[-1][0]] = None if last_bits == 1 else last_bits
+    edge = {k: v for k, v in edge.items() if v is not None}
     plan: dict[str, dict[str, Any]] = {}
     for name, _ in layers:
         if name in edge:
-            plan[name] = {"mode": "int", "bits": first_last_bits, "act": None}
+            plan[name] = {"mode": "int", "bits": edge[name], "act": None}
         else:
             plan[name] = {"mode": weight_mode, "threshold": threshold, "act": act}
     wrappers = prepare(model, layers, plan)
     calibrate(model, wrappers, list(ctx.data or []))
     log = train(model, train_batches(ctx), finetune)
-    converted = convert(model, wrappers,
-                        lambda w: "float32" if w.wq.mode == "int" else scale_dtype)
+    # every per-channel scale in scale_dtype: float16 changes a scale by < 2^-11 relative, far
+    # below the 1/127 step of an 8-bit code
+    converted = convert(model, wrappers, scale_dtype)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    summary = size_summary(converted)
     report = {"folded_bn": folded, "first_last": sorted(edge), "first_last_bits": first_last_bits,
-              "layers": converted, "kept_float": kept, "finetune": log,
-              **size_summary(converted),
-              "weight_bytes_note": "packed codes + per-channel scales of every quantized layer "
-                                   "(first/last at first_last_bits included); biases and BN stay "
-                                   "float and are not weight bytes",
+              "bits_per_layer": {n: v["bits"] for n, v in converted.items()},
+              "layers": converted, "kept_float": kept, "finetune": log, **summary,
+              "other_tensor_bytes": state_bytes - summary["weight_bytes"],
+              "weight_bytes_note": f"packed codes + per-channel scales ({scale_dtype}) of every "
+                                   "quantized layer (int first/last layers included); biases and "
+                                   "BN stay float32 and are counted in other_tensor_bytes",
               "execution": "codes unpacked at load; layers run in float on scale·code "
                            "(ONNX: DequantizeLinear on int8 codes)"}
     return model.eval(), report
@@ -146,7 +158,7 @@ def quantize_binary(model: nn.Module, config: TechniqueConfig, ctx: StageContext
         model, ctx, method="binary", weight_mode=weight_mode, act=act,
         first_last_bits=config.first_last_bits, scale_dtype=config.scale_dtype,
         fold_bn=config.fold_bn, finetune=config.finetune, targets=config.targets,
-        ignore=config.ignore)
+        ignore=config.ignore, last_bits=config.last_bits)
     ctx.report["binary"] = {"variant": config.variant, "activations": activations, **report}
     return model
 

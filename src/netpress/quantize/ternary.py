@@ -44,7 +44,8 @@ class TernaryConfig(TechniqueConfig):
         threshold: TWN's ``t`` in ``Δ = t · mean|w|`` (0.7 in the paper).
         first_last_bits: bits (2..8) of the first and last quantized layers; ``null`` makes
             them ternary too.
-        scale_dtype: dtype of the stored ``α`` (``float16`` or ``float32``).
+        last_bits: bits (2..8) of the last layer alone, overriding ``first_last_bits`` there.
+        scale_dtype: dtype of every stored per-channel scale (``α`` and the int layers' scales).
         fold_bn: fold BatchNorm into the preceding conv first (off by default).
         finetune: the shared fine-tuning loop's settings.
         targets, ignore: module patterns (default: every Linear, Conv1d and Conv2d).
@@ -53,6 +54,7 @@ class TernaryConfig(TechniqueConfig):
     method: Literal["ternary"] = "ternary"
     threshold: float = Field(default=0.7, gt=0, lt=3)
     first_last_bits: int | None = Field(default=8, ge=2, le=8, strict=True)
+    last_bits: int | None = Field(default=None, ge=2, le=8, strict=True)
     scale_dtype: Literal["float16", "float32"] = "float16"
     fold_bn: bool = False
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=5, lr=1e-3))
@@ -91,7 +93,7 @@ def quantize_ternary(model: nn.Module, config: TechniqueConfig, ctx: StageContex
         model, ctx, method="ternary", weight_mode="ternary", act=None,
         first_last_bits=config.first_last_bits, scale_dtype=config.scale_dtype,
         fold_bn=config.fold_bn, finetune=config.finetune, targets=config.targets,
-        ignore=config.ignore, threshold=config.threshold)
+        ignore=config.ignore, threshold=config.threshold, last_bits=config.last_bits)
     ctx.report["ternary"] = {"threshold": config.threshold, **report}
     return model
 
