@@ -37,10 +37,11 @@ from netpress.core.errors import RecipeError
 from netpress.core.progress import track
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
+from netpress.prune.owl import OWLFields, layer_sparsities
 from netpress.prune.scores import calibration_data, capture_inputs, prunable, summary
 
 
-class SparseGPTPruneConfig(NMFields, TechniqueConfig):
+class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
     """Config of ``sparsegpt`` pruning.
 
     Attributes:
@@ -48,6 +49,8 @@ class SparseGPTPruneConfig(NMFields, TechniqueConfig):
         blocksize: columns per lazy-update block (also the adaptive-mask block).
         damp: dampening ``λ`` as a fraction of ``mean(diag H)``.
         max_batches: use at most this many calibration batches.
+        owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform), see
+            :mod:`netpress.prune.owl`.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
     """
 
@@ -65,6 +68,9 @@ class SparseGPTPruneConfig(NMFields, TechniqueConfig):
                              "(sparsity: '2:4')")
         if self.nm is not None and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]}")
+        if self.owl_lambda and self.nm is not None:
+            raise ValueError("owl_lambda needs a fractional sparsity (N:M fixes the per-layer "
+                             "fraction); set owl_lambda: 0")
         return self
 
 
@@ -211,10 +217,13 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
             check_nm_shape(tuple(m.weight.shape), config.nm[1], name)
     layers, losses = {}, {}
     start = time.perf_counter()
+    spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
+                             config.owl_lambda, config.owl_m)
     for name, module in track(modules, "sparsegpt layers"):
         H, _ = layer_hessian(model, name, module, batches)
         w = module.weight
-        W, err = sparsegpt_prune(w.detach().reshape(w.shape[0], -1), H, config.sparsity,
+        W, err = sparsegpt_prune(w.detach().reshape(w.shape[0], -1), H,
+                                 None if config.nm else spars[name],
                                  config.nm, config.blocksize, config.damp)
         with torch.no_grad():
             w.copy_(W.reshape(w.shape).to(w.dtype))
@@ -222,6 +231,7 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
         losses[name] = err
     ctx.report["sparsegpt"] = summary(layers, reconstruction_loss=losses,
                                       seconds=time.perf_counter() - start,
+                                      layer_sparsity=spars if config.owl_lambda else None,
                                       nm=f"{config.n}:{config.m}" if config.nm else None)
     return model
 

@@ -1,9 +1,15 @@
 """Wanda (Sun et al. 2023, SPEC P3): prune by ``|w_ij| · ‖x_j‖₂`` within each output row.
 
-One calibration pass with a pre-forward hook on every targeted layer accumulates the squared norm
-of each input feature over all (non-padding) tokens; then each output row loses its ``floor(p·in)``
-lowest-scoring weights (``scope: row``, the paper's comparison group), or the scores are ranked per
-layer / globally, or by N:M groups. No weight update, no fine-tuning.
+A pre-forward hook accumulates the squared norm of each input feature over all (non-padding)
+tokens; then each output row loses its ``floor(p·in)`` lowest-scoring weights (``scope: row``, the
+paper's comparison group), or the scores are ranked per layer / globally, or by N:M groups. No
+weight update, no fine-tuning.
+
+``sequential: true`` (the default, as in the paper's code) prunes the layers one at a time in
+definition order, each from inputs that flow through the *already pruned* earlier layers (the
+calibration pass stops right after the layer); ``false`` takes every norm from one pass of the dense
+model (also forced by ``scope: global``). ``owl_lambda`` > 0 makes the sparsity non-uniform across
+blocks (OWL, :mod:`netpress.prune.owl`) with the same overall fraction.
 
 Example:
     >>> import torch, torch.nn as nn, netpress
@@ -26,6 +32,7 @@ from pydantic import Field, model_validator
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
+from netpress.prune.owl import OWLFields, layer_sparsities
 from netpress.prune.scores import (
     apply_masks,
     calibration_data,
@@ -37,18 +44,21 @@ from netpress.prune.scores import (
 )
 
 
-class WandaPruneConfig(NMFields, TechniqueConfig):
+class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
     """Config of ``wanda`` pruning.
 
     Attributes:
         sparsity: fraction removed in [0, 1), or ``"2:4"`` / ``"4:8"`` (also ``n``, ``m``).
         scope: ``row`` (per output row, the paper's choice), ``layer`` or ``global``.
+        sequential: prune layer by layer from the pruned earlier layers' outputs.
+        owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform).
         max_batches: use at most this many calibration batches.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
     """
 
     method: Literal["wanda"] = "wanda"
     scope: Literal["row", "layer", "global"] = "row"
+    sequential: bool = True
     max_batches: int | None = Field(default=None, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
@@ -58,20 +68,27 @@ class WandaPruneConfig(NMFields, TechniqueConfig):
         if (self.sparsity is None) == (self.n is None):
             raise ValueError("give exactly one of `sparsity` (e.g. 0.5) or an N:M pattern "
                              "(sparsity: '2:4')")
+        if self.owl_lambda and (self.nm is not None or self.scope == "global"):
+            raise ValueError("owl_lambda needs a fractional sparsity with scope row or layer "
+                             "(N:M and global scope fix the per-layer fraction); set owl_lambda: 0")
         return self
 
 
 def input_norms(
-    model: nn.Module, modules: list[tuple[str, nn.Module]], batches: list
+    model: nn.Module, modules: list[tuple[str, nn.Module]], batches: list,
+    stop_after: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """``‖x_j‖₂`` of every input column of every layer over all calibration rows: ``(in·k,)``."""
+    """``‖x_j‖₂`` of every input column of every layer over all calibration rows: ``(in·k,)``.
+
+    ``stop_after`` (one layer): the forward passes stop right after it.
+    """
     sq: dict[str, torch.Tensor] = {}
 
     def add(name: str, rows: torch.Tensor) -> None:  # rows (N, cols)
         s = rows.square().sum(0, dtype=torch.float64)  # (cols,)
         sq[name] = sq[name] + s if name in sq else s
 
-    capture_inputs(model, modules, batches, add)
+    capture_inputs(model, modules, batches, add, stop_after=stop_after)
     return {k: v.sqrt().to(torch.float32) for k, v in sq.items()}
 
 
@@ -98,9 +115,14 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     if config.nm is not None:
         for name, m in modules:
             check_nm_shape(tuple(m.weight.shape), config.nm[1], name)
-    norms = input_norms(model, modules, batches)
-    scores = []
+    sequential = config.sequential and config.scope != "global"
+    spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
+                             config.owl_lambda, config.owl_m)
+    norms = {} if sequential else input_norms(model, modules, batches)
+    scores, masks = [], []
     for name, module in modules:
+        if sequential:  # this layer's inputs through the already pruned earlier layers
+            norms = input_norms(model, [(name, module)], batches, stop_after=True)
         if name not in norms:
             from netpress.core.errors import RecipeError
 
@@ -108,14 +130,21 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
                               expected="layers used by model(inputs)",
                               fix=f"add {name!r} to `ignore`")
         w = module.weight.detach().to(torch.float32)
-        scores.append((name, w.abs() * norms[name].reshape(1, -1).reshape(
-            (1,) + tuple(w.shape[1:]))))  # (out, in, *k)
-    if config.nm is None and config.scope == "row":
-        masks = [row_masks(s, float(config.sparsity or 0.0)) for _, s in scores]
-    else:
+        score = w.abs() * norms[name].reshape((1,) + tuple(w.shape[1:]))  # (out, in, *k)
+        if config.nm is None and config.scope == "row":
+            masks.append(row_masks(score, spars[name]))
+        elif config.nm is not None or config.scope == "layer":
+            masks.append(masks_from_scores([(name, score)], spars[name], "layer", config.nm)[0])
+        else:
+            scores.append((name, score))
+        if sequential:
+            apply_masks([(name, module)], masks[-1:])
+    if scores:  # global scope: rank everything at once
         masks = masks_from_scores(scores, config.sparsity, config.scope, config.nm)
     layers = apply_masks(modules, masks)
     ctx.report["wanda"] = summary(layers, scope=config.scope, batches=len(batches),
+                                  sequential=sequential,
+                                  layer_sparsity=spars if config.owl_lambda else None,
                                   nm=f"{config.n}:{config.m}" if config.nm else None)
     return model
 
