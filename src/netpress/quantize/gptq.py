@@ -33,10 +33,39 @@ from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.quantize.weight_only import GPTQConfig, clipped_qparams, quantize_linears
 
 
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """``H = 2 XᵀX / N`` of inputs ``x (N, I)`` in float64 -> ``(I, I)``."""
-    xd = x.to(torch.float64)
-    return 2.0 * (xd.T @ xd) / max(1, xd.shape[0])
+def hessian(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``H = 2 XᵀX / N`` of inputs ``x (N, I)`` in float64 -> ``(I, I)``.
+
+    Accumulated over ``chunk`` rows at a time, so the float64 copy of ``x`` is never whole.
+    """
+    h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for i in range(0, x.shape[0], chunk):
+        xd = x[i:i + chunk].to(torch.float64)
+        h.addmm_(xd.T, xd)
+    return h.mul_(2.0 / max(1, x.shape[0]))
+
+
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``h⁻¹`` (float64), overwriting ``h``'s memory where LAPACK allows
+    (scipy ``potrf``/``potri``: one ``(I, I)`` buffer), else through torch."""
+    try:
+        from scipy.linalg import lapack
+    except ImportError:  # pragma: no cover - scikit-learn brings scipy
+        linv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(
+            h.shape[0], dtype=h.dtype), upper=False)
+        return torch.linalg.cholesky(linv.T @ linv, upper=True)
+    a = h.numpy()  # symmetric: C and Fortran order hold the same matrix
+    c, info = lapack.dpotrf(a.T, lower=False, overwrite_a=True)
+    if info == 0:
+        c, info = lapack.dpotri(c, lower=False, overwrite_c=True)  # upper triangle of h⁻¹
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"Hessian not positive definite (LAPACK info {info})")
+    il = np.tril_indices(c.shape[0], -1)
+    c[il] = c.T[il]  # symmetrise
+    c, info = lapack.dpotrf(c, lower=False, overwrite_a=True, clean=True)
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"H^-1 not positive definite (LAPACK info {info})")
+    return torch.from_numpy(np.ascontiguousarray(c))
 
 
 def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
@@ -73,12 +102,10 @@ def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dam
         zeros = torch.zeros_like(scales)
         perm = torch.arange(in_f)
         block_size = max(block_size // group_size, 1) * group_size  # groups inside one block
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=torch.float64)
-    # H⁻¹ = L⁻ᵀ L⁻¹ from the Cholesky factor (torch.cholesky_inverse is ~4x slower on CPU)
-    linv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(in_f, dtype=h.dtype),
-                                         upper=False)
-    hinv = torch.linalg.cholesky(linv.T @ linv, upper=True)
+    w, h = w[:, perm], h[perm[:, None], perm]
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    hinv = _inverse_cholesky(h)
+    del h
     codes = _sweep(w.numpy(), hinv.numpy(), perm.numpy(), scales.numpy(), zeros.numpy(), bits,
                    group_size, block_size, None if act_order else clip_search)
     codes = torch.from_numpy(codes)

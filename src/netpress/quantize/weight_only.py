@@ -174,21 +174,43 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 LayerFn = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
 
 
+#: calibration batches are run in slices of at most this many examples while capturing inputs
+#: (the activations of one forward, e.g. attention scores, scale with the batch)
+SUB_BATCH = 8
+
+
+def _split(batches: list[Any], n: int) -> list[Any]:
+    """``batches`` cut into slices of at most ``n`` examples (same order, same padding)."""
+    from netpress.core.data import Batch
+
+    out = []
+    for b in batches:
+        for i in range(0, b.size, n):
+            if isinstance(b.inputs, dict):
+                inputs: Any = {k: v[i:i + n] for k, v in b.inputs.items()}
+            else:
+                inputs = tuple(v[i:i + n] for v in b.inputs)
+            out.append(Batch(inputs, None if b.target is None else b.target[i:i + n]))
+    return out
+
+
 def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Any],
                 layer_fn: LayerFn) -> dict[str, int]:
     """Quantize ``layers`` in order, each on its inputs with the earlier ones already quantized.
 
     Inputs come from the block cache when the model qualifies, else from whole-model forwards;
-    layers fed one tensor share a capture (:mod:`netpress.quantize.sequential`).
+    layers fed one tensor share a capture (:mod:`netpress.quantize.sequential`). ``layers`` is
+    emptied as it goes, so each float layer can be freed once replaced (peak memory).
 
     Returns:
         How many captures each path took: ``{"block": n, "model": m}``.
     """
     from netpress.quantize.sequential import BlockCache, capture_runs, model_runs
 
+    batches = _split(batches, SUB_BATCH)
     cache = BlockCache.build(model, batches, [n for n, _ in layers])
     counts = {"block": 0, "model": 0}
-    pending = list(layers)
+    pending = layers  # consumed: a float layer is freed once its quantized twin is in the model
     while pending:
         name, module = pending.pop(0)
         blk = cache.block_of(name) if cache is not None else None
@@ -203,9 +225,11 @@ def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: 
             x, shared = capture_runs(model_runs(model, batches), module, pending, name)
             counts["model"] += 1
         _set_submodule(model, name, layer_fn(name, module, x))
+        del module
         for other in shared:  # fed the same tensor (e.g. q, k, v): same inputs
             i = next(i for i, (n, _) in enumerate(pending) if n == other)
             _set_submodule(model, other, layer_fn(other, pending.pop(i)[1], x))
+        del x
     return counts
 
 
@@ -237,6 +261,8 @@ def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContex
                           fix="check `targets` / `ignore` (`netpress inspect` lists names)")
     for name, module in layers:
         check_layer(name, module, bits, group)
+    names = [n for n, _ in layers]
+    del chosen, module  # only `layers` refers to the float layers now (freed as they are replaced)
     batches = list(ctx.data or [])
     if needs_data and not batches:
         raise DataError(f"quantize: {{method: {method}}}", got="an empty calibration set",
@@ -248,13 +274,14 @@ def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContex
     model.eval()
     try:
         captures = _sequential(model, layers, batches, layer_fn) if needs_data else {}
-        if not needs_data:
-            for name, module in layers:
-                _set_submodule(model, name, layer_fn(name, module, None))
+        while layers:
+            name, module = layers.pop(0)
+            _set_submodule(model, name, layer_fn(name, module, None))
+            del module
     finally:
         model.train(was_training)
     ctx.report[method] = {
-        "bits": bits, "group_size": group, "quantized": [n for n, _ in layers], "kept_float": kept,
+        "bits": bits, "group_size": group, "quantized": names, "kept_float": kept,
         "seconds": round(time.perf_counter() - start, 2),
         "input_captures": captures,
         "execution": ("onnxruntime com.microsoft::MatMulNBits (int4 kernel) after "
