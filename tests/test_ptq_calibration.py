@@ -82,7 +82,8 @@ def test_bias_correction_removes_channel_mean_error(data):
     fold_batchnorm(float_net)
     plain = quantize_ptq(_net(), parse_config("quantize", {"method": "ptq"}), StageContext(data=data))
     cfg = parse_config("quantize", {"method": "ptq", "bias_correction": True,
-                                    "bias_correction_examples": 32})
+                                    "bias_correction_examples": 32,
+                                    "bias_correction_mode": "output_mean"})
     ctx = StageContext(data=data)
     corrected = quantize_ptq(_net(), cfg, ctx)
     shifts = ctx.report["ptq"]["bias_correction"]
@@ -131,3 +132,25 @@ def test_bad_bias_correction_config():
         parse_config("quantize", {"method": "ptq", "bias_correction_examples": 0})
     with pytest.raises(RecipeError):
         parse_config("quantize", {"method": "ptq", "calibration_runtime": "tensorrt"})
+
+
+def test_weight_error_bias_correction_zeroes_mean_weight_error():
+    """DFQ mode: on the correction inputs, E[W_q x_q] + shift == E[W x_q] per channel."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+    with torch.no_grad():
+        conv.weight.mul_(torch.linspace(0.1, 20, 6).reshape(6, 1, 1, 1))  # wide channel ranges
+    q = nn.Sequential(W8A8Conv2d.from_float(conv, 0.03, 128, per_channel=False))
+    x = torch.randn(32, 6, 8, 8) + 1.0
+    before = q[0].bias.detach().clone()
+    shifts = bias_correct(nn.Sequential(conv), q, x, mode="weight_error")
+    assert list(shifts) == ["0"] and shifts["0"] > 1e-3  # per-tensor weights: a real bias
+    lo, hi = q[0].act_qrange
+    from netpress.nn.ptq import fake_quant
+
+    with torch.no_grad():
+        xq = fake_quant(x, q[0].input_scale, q[0].input_zero_point, lo, hi)
+        err = (q[0]._op(xq, conv.weight) - q[0]._op(xq, q[0].dequantized_weight())).mean((0, 2, 3))
+        assert torch.allclose(q[0].bias - before, err, atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        bias_correct(nn.Sequential(conv), q, x, mode="other")

@@ -74,7 +74,7 @@ def float_output_means(model: nn.Module, names: Iterable[str], x: torch.Tensor,
 @torch.no_grad()
 def bias_correct(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
                  names: Iterable[str] | None = None, include_linear: bool = False,
-                 chunk: int = 32) -> dict[str, float]:
+                 chunk: int = 32, mode: str = "output_mean") -> dict[str, float]:
     """Correct the biases of ``qmodel``'s W8A8 layers in place (see the module doc).
 
     Args:
@@ -84,6 +84,10 @@ def bias_correct(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
         names: layers to correct (default: every W8A8 conv, and linears if ``include_linear``).
         include_linear: also correct ``W8A8Linear`` layers.
         chunk: batch size of the float pass.
+        mode: ``output_mean`` (match the float model's per-channel output means: corrects the
+            weight and the upstream activation error) or ``weight_error`` (DFQ's correction of
+            the weight-rounding error only: ``E[W x_q] - E[W_q x_q]`` on the layer's own
+            quantized input).
 
     Returns:
         Layer name -> the largest absolute bias shift applied (for the report); layers built
@@ -94,12 +98,24 @@ def bias_correct(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
     if names is not None:
         keep = set(names)
         qmods = {n: m for n, m in qmods.items() if n in keep}
-    targets = float_output_means(float_model, qmods, x, chunk)
+    if mode not in ("output_mean", "weight_error"):
+        raise ValueError(f"mode must be output_mean or weight_error, not {mode!r}")
+    targets = float_output_means(float_model, qmods, x, chunk) if mode == "output_mean" else {
+        n: torch.zeros(0) for n in qmods}
     shifts: dict[str, float] = {}
+
+    floats = dict(float_model.named_modules())
 
     def corrected(self: W8A8Conv2d | W8A8Linear, inp: torch.Tensor, name: str) -> torch.Tensor:
         y = self.accumulate(inp)
-        delta = targets[name].to(y.dtype) - _channel_mean(y)  # (O,)
+        if mode == "weight_error":  # E[W x_q] - E[W_q x_q] on the layer's own quantized input
+            lo, hi = self.act_qrange
+            xq = fake_quant(inp, self.input_scale, self.input_zero_point, lo, hi)
+            want = _channel_mean(self._op(xq, floats[name].weight.to(xq.dtype)))
+            got = _channel_mean(self._op(xq, self.dequantized_weight().to(xq.dtype)))
+            delta = want - got
+        else:
+            delta = targets[name].to(y.dtype) - _channel_mean(y)  # (O,)
         self.bias.add_(delta)  # type: ignore[union-attr]
         shifts[name] = float(delta.abs().max())
         view = [1, -1] + [1] * (y.dim() - 2) if y.dim() > 2 else [-1]
