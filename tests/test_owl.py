@@ -70,8 +70,8 @@ def test_sequential_wanda_scores_the_pruned_inputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     X = torch.randn(128, 16)
-    seq = apply_prune(model, {"method": "wanda", "sparsity": 0.5}, data=X)
-    one = apply_prune(model, {"method": "wanda", "sparsity": 0.5, "sequential": False}, data=X)
+    seq = apply_prune(model, {"method": "wanda", "sparsity": 0.5, "sequential": True}, data=X)
+    one = apply_prune(model, {"method": "wanda", "sparsity": 0.5}, data=X)
     assert torch.equal(seq[0].weight, one[0].weight)  # the first layer sees the same inputs
     with torch.no_grad():
         h_pruned = torch.relu(seq[0](X))  # (128, 32): what layer 2 sees after layer 1 is pruned

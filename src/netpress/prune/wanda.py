@@ -5,11 +5,13 @@ tokens; then each output row loses its ``floor(p·in)`` lowest-scoring weights (
 paper's comparison group), or the scores are ranked per layer / globally, or by N:M groups. No
 weight update, no fine-tuning.
 
-``sequential: true`` (the default, as in the paper's code) prunes the layers one at a time in
-definition order, each from inputs that flow through the *already pruned* earlier layers (the
-calibration pass stops right after the layer); ``false`` takes every norm from one pass of the dense
-model (also forced by ``scope: global``). ``owl_lambda`` > 0 makes the sparsity non-uniform across
-blocks (OWL, :mod:`netpress.prune.owl`) with the same overall fraction.
+``sequential: true`` (as in the paper's code) prunes the layers one at a time in definition
+order, each from inputs that flow through the *already pruned* earlier layers (the calibration
+pass stops right after the layer); ``false`` (the default) takes every norm from one pass of the
+dense model (also forced by ``scope: global``). On MiniLM at 50% (192 held-out sentences) the
+sequential variant measured cosine 0.8706 vs 0.8736 for one pass, at many times the cost.
+``owl_lambda`` > 0 makes the sparsity non-uniform across blocks (OWL,
+:mod:`netpress.prune.owl`) with the same overall fraction.
 
 Example:
     >>> import torch, torch.nn as nn, netpress
@@ -58,7 +60,7 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
 
     method: Literal["wanda"] = "wanda"
     scope: Literal["row", "layer", "global"] = "row"
-    sequential: bool = True
+    sequential: bool = False
     max_batches: int | None = Field(default=None, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
