@@ -19,6 +19,8 @@ MODULES = [
     "netpress.quantize.pack",
     "netpress.train.loop",
     "netpress.api",
+    "netpress.search.workers",
+    "netpress.search.nas",
     "netpress",
 ]
 

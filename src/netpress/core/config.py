@@ -173,3 +173,4 @@ def _load_builtin() -> None:
     import netpress.lowrank  # noqa: F401
     import netpress.prune  # noqa: F401
     import netpress.quantize  # noqa: F401
+    import netpress.search.nas  # noqa: F401  (distill: {method: nas})
