@@ -5,8 +5,9 @@
 2. Per-layer sensitivity (:mod:`netpress.search.sensitivity`) is measured on the *calibration*
    split (cached) and seeds the search: the first trials are enqueued from it, and per-layer
    choices (which layers stay float / unpruned) follow its ranking (:mod:`netpress.search.space`).
-3. An Optuna multi-objective study (TPE, seeded; metric up, size down, latency down; the user's
-   constraints passed to the sampler) proposes trials. Each trial is compressed, exported and
+3. An Optuna multi-objective study (TPE, seeded; metric up, size down, latency down, where
+   latency is taken relative to the paired reference timing so load drift does not bias it; the
+   user's constraints passed to the sampler) proposes trials. Each trial is compressed, exported and
    evaluated by :func:`netpress.search.trial.run_trial` through the executor of ``workers``
    (in-process by default, Ray tasks with ``--workers ray``). A trial that crashes is recorded
    with its error and the study goes on.
@@ -55,6 +56,8 @@ from netpress.search.pareto import LOWER_IS_BETTER, Constraints, binding, pareto
 from netpress.search.sensitivity import SensitivityTable, analyze
 from netpress.search.trial import latency as _latency
 from netpress.search.trial import run_trial, workload
+
+_START = [0.0]  # when the running plan() began (elapsed_s of each trial)
 
 
 class PlanConstraintError(ConstraintError):
@@ -223,6 +226,7 @@ def plan(
     torch.manual_seed(base.seed)
     torch.set_num_threads(base.threads)
     start = time.perf_counter()
+    _START[0] = start
     status("measuring the original model")
     work, _ref, orig_quality = workload(base)
     metric = spec.metric or work.metric
@@ -355,7 +359,9 @@ def _tell(study: Any, trial: Any, params: dict, payload: dict, outcome: Any, tim
     trial.set_user_attr("seconds", round(outcome.seconds, 2))
     for k in cons.active():  # the sampler prefers feasible points (<= 0 means met)
         trial.set_constraint(k, viol.get(k, 0.0))
-    study.tell(trial, [point["metric"], point["size_bytes"], point["latency_ms"]])
+    trial.set_user_attr("elapsed_s", round(time.perf_counter() - _START[0], 1))
+    # third objective: latency relative to the paired reference (robust to load drift)
+    study.tell(trial, [point["metric"], point["size_bytes"], lat / ref])
 
 
 def _records(study: Any, cons: Constraints, original: dict, lower: bool) -> list[dict[str, Any]]:
@@ -370,21 +376,23 @@ def _records(study: Any, cons: Constraints, original: dict, lower: bool) -> list
             rows.append({"number": t.number, "state": "complete", "params": a.get("params", {}),
                          "stages": a.get("stages", []), **a["point"],
                          "secondary": a.get("secondary", {}), **a.get("measure", {}),
-                         "seconds": a.get("seconds"), "violations": viol, "feasible": not viol})
+                         "seconds": a.get("seconds"), "elapsed_s": a.get("elapsed_s"),
+                         "violations": viol, "feasible": not viol})
         elif t.state == TrialState.FAIL and "error" in a:
             rows.append({"number": t.number, "state": "failed", "params": a.get("params", {}),
                          "stages": a.get("stages", []), "error": a["error"],
                          "seconds": a.get("seconds")})
     done = [r for r in rows if r["state"] == "complete"]
-    for r, on in zip(done, pareto_mask(done, lower), strict=True):
+    relative = [{**r, "latency_ms": r["latency_ms"] / r["ref_latency_ms"]} for r in done]
+    for r, on in zip(done, pareto_mask(relative, lower), strict=True):
         r["on_front"] = on
     return rows
 
 
 def _order_best(cands: list[dict[str, Any]], lower: bool) -> list[dict[str, Any]]:
-    """Best metric first; then smaller latency, then smaller size."""
+    """Best metric first; then smaller latency (relative to its paired reference), then size."""
     return sorted(cands, key=lambda r: ((r["metric"] if lower else -r["metric"]),
-                                        r["latency_ms"], r["size_bytes"]))
+                                        r["latency_ms"] / r["ref_latency_ms"], r["size_bytes"]))
 
 
 def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTable,
