@@ -21,12 +21,13 @@ def _one_thread():
 
 
 class Blocks(nn.Module):
-    """Two numbered blocks of two Linears; block 1 sees a few huge ("outlier") features."""
+    """Two numbered blocks of two Linears (32 and 64 inputs, like BERT's 384 / 1536); block 1
+    sees a few huge ("outlier") features."""
 
     def __init__(self) -> None:
         super().__init__()
         self.layer = nn.ModuleList(
-            nn.ModuleDict({"a": nn.Linear(32, 32), "b": nn.Linear(32, 32)}) for _ in range(2))
+            nn.ModuleDict({"a": nn.Linear(32, 64), "b": nn.Linear(64, 32)}) for _ in range(2))
         self.scale = nn.Parameter(torch.ones(32), requires_grad=False)
         with torch.no_grad():
             self.scale[:2] = 40.0
@@ -59,7 +60,7 @@ def test_wanda_owl_moves_sparsity_between_blocks_and_keeps_the_total():
     cfg = {"method": "wanda", "sparsity": 0.5, "owl_lambda": 0.1, "owl_m": 3.0}
     out = apply_prune(model, cfg, data=X)
     zeros = {i: sum(int((out.layer[i][k].weight == 0).sum()) for k in "ab") for i in range(2)}
-    assert sum(zeros.values()) == 2 * 2 * 32 * 16  # exactly 50% overall (2 blocks of equal size)
+    assert sum(zeros.values()) == 2 * 2 * 32 * 64 // 2  # exactly 50% overall (equal blocks)
     assert zeros[0] != zeros[1]  # non-uniform
     for method in ("wanda", "sparsegpt"):
         with pytest.raises(RecipeError):

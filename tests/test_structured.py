@@ -32,8 +32,12 @@ def _efficientnet_b0() -> nn.Module:
     return torchvision.models.efficientnet_b0(num_classes=10)
 
 
+def _shufflenet_v2() -> nn.Module:
+    return torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+
+
 ARCHS = {"resnet18": _resnet18, "mobilenet_v2": _mobilenet_v2, "googlenet": _googlenet,
-         "efficientnet_b0": _efficientnet_b0}
+         "efficientnet_b0": _efficientnet_b0, "shufflenet_v2": _shufflenet_v2}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -43,7 +47,8 @@ def test_structured_over_architectures_runs_shrinks_and_reloads(arch, tmp_path):
     x = torch.randn(2, 3, 32, 32)  # small input: fast, every architecture still runs
     ex = Batch((x[:1],))
     # resnet18: residual adds; mobilenet_v2: depthwise + adds; googlenet: concat; efficientnet:
-    # depthwise + squeeze-excitation (channel-wise multiply)
+    # depthwise + squeeze-excitation (channel-wise multiply); shufflenet: split + concat + channel
+    # shuffle (5-D view that torch-pruning cannot map: those channels stay, the branches shrink)
     cfg = ({"method": "structured", "macs_reduction": 2.0} if arch == "resnet18"
            else {"method": "structured", "ratio": 0.5, "round_to": 8})
     pruned = prune(model, cfg, data=[(x,)])
@@ -52,6 +57,8 @@ def test_structured_over_architectures_runs_shrinks_and_reloads(arch, tmp_path):
     assert after < before
     if arch == "resnet18":
         assert before / after >= 2.0  # measured 2.17x (rounding to 8 overshoots)
+    elif arch == "shufflenet_v2":
+        assert before / after > 1.5  # measured 1.78x (shuffled block outputs are kept)
     else:
         assert before / after > 2.5  # ratio 0.5 of in and out channels: measured ~3-4x
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
@@ -113,7 +120,7 @@ def test_importance_kinds_pick_channels(importance):
         net[1].weight[8:] *= 1e-3
         net[3].weight[:, 8:] *= 1e-3
     ctx = StageContext(data=[Batch((torch.randn(4, 3, 8, 8),))])
-    cfg = StructuredPruneConfig(ratio=0.5, importance=importance)
+    cfg = StructuredPruneConfig(ratio=0.5, importance=importance, round_to=8)
     out = prune_structured(net, cfg, ctx)
     assert out[0].out_channels == 8 and out[1].num_features == 8 and out[3].in_channels == 8
     assert ctx.report["structured"]["widths"]["0"] == 8
@@ -125,6 +132,7 @@ def test_kept_rounding_and_config_errors():
     assert kept(96, 0.5, 16, 0.9) == 48
     assert kept(100, 0.3, 8, 0.9) == 72
     assert kept(6, 0.5, 8, 0.9) == 6  # groups not larger than round_to stay
+    assert StructuredPruneConfig(ratio=0.5).round_to == 16  # the default that fits the kernels
     with pytest.raises(RecipeError):
         parse_config("prune", {"method": "structured"})  # no budget
     with pytest.raises(RecipeError):

@@ -2,9 +2,13 @@
 
 Cases (all latencies in ONNX Runtime fp32, 2 threads, measured interleaved in this process):
   * ``mobilenet_v2_structured_*`` — 2x fewer MACs; batch-1 latency vs the unpruned model; top-1
-    agreement with the original on the held-out photo crops before and after a short recovery
-    (``netpress.train.fine_tune`` on the calibration crops with a KL loss to the original's
-    logits). Anchor: torch-pruning ``MagnitudePruner`` (group L2) at the same MAC reduction.
+    agreement with the original on the held-out photo crops before and after a short recovery:
+    BatchNorm statistics re-estimated on the calibration crops, then ``netpress.train.fine_tune``
+    on them with a KL loss (T=2) to the original's logits at lr 1e-3. (The earlier recovery, lr
+    1e-4 for 24 steps and no BN re-estimation, left the agreement at 0.0: MobileNetV2 with half
+    its MACs removed and no recovery already agrees on 0 of the held-out crops — it predicts one
+    class for almost every crop — and those 24 small steps did not move it.) Anchor: torch-pruning
+    ``MagnitudePruner`` (group L2) at the same MAC reduction.
   * ``minilm_structured_*`` — heads + FFN neurons for 2x fewer MACs; batch-32 latency; mean
     cosine to the original sentence embeddings before and after a short recovery (MSE to the
     original token embeddings on the calibration sentences).
@@ -52,12 +56,38 @@ def _onnx_latency(models: dict[str, nn.Module], example: Batch, d: Path, rounds:
             {k: p.stat().st_size for k, p in paths.items()})
 
 
+def recalibrate_bn(model: nn.Module, batches: list[Batch]) -> None:
+    """Re-estimate every BatchNorm's running mean / variance on ``batches`` (no gradient).
+
+    Channel removal changes the statistics the next layers see; the stored ones are stale.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            b.run(model)
+    model.eval()
+    for m, mom in zip(norms, saved, strict=True):
+        m.momentum = mom
+
+
 def _kd_recover(student: nn.Module, teacher: nn.Module, batches: list[Batch], epochs: int,
                 kind: str) -> float:
-    """Short recovery with the shared loop; loss to the teacher's outputs. Returns seconds."""
+    """Short recovery with the shared loop; loss to the teacher's outputs. Returns seconds.
+
+    ``kl`` (classifiers): BN statistics re-estimated first, then KD at lr 1e-3.
+    """
     from netpress.train import TrainConfig, fine_tune
 
     t0 = time.perf_counter()
+    if kind == "kl":
+        recalibrate_bn(student, batches)
     with torch.no_grad():
         ref = {id(b): b.run(teacher) for b in batches}
 
@@ -71,7 +101,7 @@ def _kd_recover(student: nn.Module, teacher: nn.Module, batches: list[Batch], ep
         w = mask.unsqueeze(-1).float() if mask is not None else torch.ones_like(out[..., :1])
         return ((out - tgt).pow(2) * w).sum() / (w.sum() * out.shape[-1])  # masked MSE
 
-    fine_tune(student, batches, TrainConfig(epochs=epochs, lr=1e-4 if kind == "kl" else 2e-4,
+    fine_tune(student, batches, TrainConfig(epochs=epochs, lr=1e-3 if kind == "kl" else 2e-4,
                                             optimizer="adam"), loss_fn=loss)
     return time.perf_counter() - t0
 
@@ -113,6 +143,7 @@ def _mobilenet(quick: bool) -> list[dict[str, Any]]:
     base_macs = count_macs(original, ex)
     ref = collect_outputs(original, evaluation)
     models: dict[str, nn.Module] = {"unpruned": original}
+    epochs, n_eval = 1 if quick else 3, sum(b.size for b in evaluation)
     info: dict[str, dict[str, Any]] = {}
     for rnd in (8, 16):
         t0 = time.perf_counter()
@@ -121,7 +152,7 @@ def _mobilenet(quick: bool) -> list[dict[str, Any]]:
         secs = time.perf_counter() - t0
         before = compute_metric("top1_agreement", collect_outputs(pruned, evaluation), evaluation,
                                 ref)
-        rec = _kd_recover(pruned, original, data.train, 1 if quick else 3, "kl")
+        rec = _kd_recover(pruned, original, data.train, epochs, "kl")
         after = compute_metric("top1_agreement", collect_outputs(pruned, evaluation), evaluation,
                                ref)
         key = f"netpress_r{rnd}"
@@ -149,8 +180,9 @@ def _mobilenet(quick: bool) -> list[dict[str, Any]]:
                 method=f"structured macs_reduction 2.0, l2, round_to {v['rnd']}, {stage}",
                 metric=metric, size_bytes=size[key], latency_ms=lat[key],
                 speedup_vs_fp32=lat["unpruned"] / lat[key], compress_seconds=v["secs"],
-                notes=f"{v['macs']:.2f}x fewer MACs; recovery: 3 epochs KD (T=2) on "
-                      f"{len(data.train)} calibration batches, {v['rec']:.0f} s",
+                notes=f"{v['macs']:.2f}x fewer MACs; recovery: BN re-estimation + {epochs} epochs "
+                      f"KD (T=2, lr 1e-3) on {len(data.train)} calibration batches, "
+                      f"{v['rec']:.0f} s; agreement on {n_eval} held-out crops",
             ))
     rows.append(row(
         **common, case="mobilenet_v2_structured_2x_anchor", tool="torch-pruning",

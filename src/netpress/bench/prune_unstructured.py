@@ -67,6 +67,13 @@ def _row(case: str, tool: str, method: str, metric_name: str, metric: float, siz
 
 
 # ------------------------------------------------------------------------------------ MiniLM
+def _block_spread(per_layer: dict[str, float] | None) -> str:
+    if not per_layer:
+        return "uniform"
+    vals = sorted(set(round(v, 3) for v in per_layer.values()))
+    return f"{vals[0]:.3f}-{vals[-1]:.3f}"
+
+
 def minilm(quick: bool = False) -> list[dict[str, Any]]:
     """One-shot 50% and 2:4 on all-MiniLM-L6-v2 (all encoder Linear layers)."""
     from torch.nn.utils import prune as tprune
@@ -87,14 +94,24 @@ def minilm(quick: bool = False) -> list[dict[str, Any]]:
     base = f"{n_eval} held-out sentences; {sum(b.size for b in bundle.calibration)} calibration"
     rows = [_row("minilm_dense", "netpress", "dense fp32", "cosine", 1.0, _bytes(model, "minilm"),
                  None, base, threads)]
-    for case, spars in (("minilm_50pct", 0.5), ("minilm_2of4", "2:4")):
-        for method in ("magnitude", "wanda", "sparsegpt"):
-            pruned, secs, _ = _apply(model, {"method": method, "sparsity": spars},
-                                     bundle.calibration, model)
-            rows.append(_row(f"{case}_{method}", "netpress", f"{method} {spars}", "cosine",
-                             cos(pruned), _bytes(pruned, "minilm"), secs,
-                             f"one-shot, no fine-tune; sparsity {_sparsity(pruned):.3f}; {base}",
-                             threads))
+    variants = [("minilm_50pct", 0.5, m, {}) for m in ("magnitude", "wanda", "sparsegpt")]
+    variants += [("minilm_2of4", "2:4", m, {}) for m in ("magnitude", "wanda", "sparsegpt")]
+    # OWL: non-uniform block sparsity (more weights kept in blocks with more outliers), the
+    # overall fraction stays exactly 50%
+    variants += [("minilm_50pct", 0.5, "wanda", {"owl_lambda": 0.08, "owl_m": 5.0})]
+    for case, spars, method, extra in variants:
+        pruned, secs, rep = _apply(model, {"method": method, "sparsity": spars, **extra},
+                                   bundle.calibration, model)
+        tag = "_owl" if extra else ""
+        how = (f"OWL λ={extra['owl_lambda']} M={extra['owl_m']}, block sparsities "
+               f"{_block_spread(rep[method].get('layer_sparsity'))}; " if extra else "")
+        seq = "sequential (inputs through the pruned earlier layers); " \
+            if method == "sparsegpt" else ""
+        rows.append(_row(f"{case}_{method}{tag}", "netpress", f"{method} {spars}{tag}", "cosine",
+                         cos(pruned), _bytes(pruned, "minilm"), secs,
+                         f"one-shot, no fine-tune; {seq}{how}all 36 encoder Linear layers "
+                         f"(Q/K/V/attention-out/FFN-in/FFN-out x 6); sparsity "
+                         f"{_sparsity(pruned):.3f}; {base}", threads))
     anchor = copy.deepcopy(model)
     t0 = time.perf_counter()
     for m in anchor.modules():

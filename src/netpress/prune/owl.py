@@ -136,7 +136,7 @@ def layer_sparsities(
     per_block = owl_sparsities({b: outlier_ratio(s, m) for b, s in blocks.items()}, sizes,
                                sparsity, lam)
     cols = [int(mod.weight[0].numel()) for _, mod in modules]
-    per_block = _snap(per_block, sizes, sparsity, math.lcm(*cols))
+    per_block = _snap(per_block, sizes, sparsity, math.gcd(*cols))
     return {name: per_block.get(block_of(name), sparsity) for name, _ in modules}
 
 

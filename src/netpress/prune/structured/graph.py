@@ -7,7 +7,10 @@ that feed a later layer; a depthwise conv's channels (its ``groups`` follow). ne
 the groups (which layers, which indices) and asks them to remove a chosen index set; importance
 scores, budgets and rounding live in :mod:`netpress.prune.structured.prune`.
 
-Groups that would change the model's output (the classifier's logits) are never pruned. A group
+Groups that would change the model's output (the classifier's logits) are never pruned. Groups
+that pass through a reshape torch-pruning cannot map channel by channel (the 4-D -> 5-D views of
+a ShuffleNet channel shuffle: its index mapping fails or is skipped) are left alone too, so the
+channels inside such blocks are still pruned and the shuffled ones kept. A group
 that touches a layer netpress cannot resize (a custom module holding its own ``nn.Parameter``, an
 RNN, ...) raises :class:`RecipeError` naming it; put that name in ``ignore`` and every group
 touching it is left alone.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +80,34 @@ def _import_tp() -> Any:
     return tp
 
 
+@contextmanager
+def _guarded_reshapes(opaque: set[Any]) -> Iterator[None]:
+    """Record reshape nodes whose channel mapping torch-pruning cannot build (``opaque``).
+
+    torch-pruning maps channels through 1-D / 4-D reshapes only (flatten); other ranks are
+    silently treated as identity and a channel shuffle's view raises ``ZeroDivisionError``.
+    """
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def guarded(graph: Any, node: Any) -> None:
+        size = getattr(node.grad_fn, "_saved_self_sizes", None)
+        if size is not None and len(size) not in (1, 2, 4):
+            opaque.add(node)
+            return
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            opaque.add(node)
+
+    index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
 def _example_args(example: Batch) -> Any:
     inputs = example.inputs
     return dict(inputs) if isinstance(inputs, dict) else tuple(inputs)
@@ -101,8 +133,9 @@ class ChannelGraph:
         args = _example_args(example)
         was_training = model.training
         model.eval()
+        self._opaque: set[Any] = set()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _guarded_reshapes(self._opaque):
                 warnings.simplefilter("ignore")
                 self._dg = tp.DependencyGraph().build_dependency(
                     model, example_inputs=args, verbose=False,
@@ -125,6 +158,34 @@ class ChannelGraph:
         if isinstance(module, nn.Parameter):
             return self._param_names.get(module, "<parameter>")
         return self._names.get(module, type(module).__name__)
+
+    def _all_groups(self, roots: tuple[type, ...]) -> list[Any]:
+        """``DependencyGraph.get_all_groups``, skipping (into :attr:`skipped`) the roots whose
+        index mapping fails: they are coupled through an unmappable reshape."""
+        dg, seen, out = self._dg, set(), []
+        self.skipped: list[str] = []
+        for m in list(dg.module2node):
+            if not isinstance(m, roots) or m in seen or m in dg.IGNORED_LAYERS_IN_TRACING:
+                continue
+            pruner = dg.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            try:
+                with _guarded_reshapes(self._opaque):
+                    group = dg.get_pruning_group(m, pruner.prune_out_channels,
+                                                 list(range(pruner.get_out_channels(m))))
+            except (IndexError, ZeroDivisionError, ValueError):
+                self.skipped.append(self.name_of(m))
+                continue
+            for dep, _ in group:
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    seen.add(dep.target.module)
+            out.append(group)
+        return out
+
+    def _remove(self, module: nn.Module, handler: Any, idxs: list[int]) -> None:
+        with _guarded_reshapes(set()):
+            self._dg.get_pruning_group(module, handler, idxs).prune()
 
     def _output_group(self, group: Any) -> bool:
         """Whether pruning this group would change the model's output."""
@@ -168,11 +229,13 @@ class ChannelGraph:
         out_fns = {fn.prune_conv_out_channels, fn.prune_linear_out_channels}
         in_fns = {fn.prune_conv_in_channels, fn.prune_linear_in_channels}
         roots = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-        for group in self._dg.get_all_groups(root_module_types=roots):
+        for group in self._all_groups(roots):
             root_module = group[0].dep.target.module
             root = self.name_of(root_module)
             if self._output_group(group):
                 continue
+            if any(dep.target in self._opaque or dep.source in self._opaque for dep, _ in group):
+                continue  # through a reshape with no channel mapping (channel shuffle)
             if targets is not None and not targets(root, root_module):
                 continue
             modules = [dep.target.module for dep, _ in group]
@@ -204,8 +267,7 @@ class ChannelGraph:
                     cg.norm_layers.append(name)
                     cg.items.append((layer, "norm", list(idxs), root_idxs))
             handler = group[0].dep.handler
-            cg._prune = (lambda idxs, m=root_module, h=handler:
-                         self._dg.get_pruning_group(m, h, idxs).prune())
+            cg._prune = (lambda idxs, m=root_module, h=handler: self._remove(m, h, idxs))
             yield cg
 
 

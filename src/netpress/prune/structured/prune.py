@@ -9,8 +9,9 @@ Filters / channels / neurons / attention heads are physically removed, so the re
 
 Every prunable group loses the same fraction (uniform widths keep the network balanced, which is
 what runtimes reward); *which* channels go is decided by ``importance`` (see
-:mod:`.importance`). Kept channel counts are multiples of ``round_to`` (8 or 16 fit SIMD kernels:
-measured on MobileNetV2 in ONNX Runtime, 16 is much faster than arbitrary counts). CNNs go through
+:mod:`.importance`). Kept channel counts are multiples of ``round_to`` (default 16: on MobileNetV2
+at 2.1x fewer MACs, ONNX Runtime fp32 batch 1 measured 1.63x faster with 16 and only 1.48x with 8;
+groups of at most ``round_to`` channels are kept whole). CNNs go through
 the dependency graph of :mod:`.graph` (BN, next layer, residual adds, concat, depthwise groups);
 BERT-family encoders through :mod:`.transformer` (heads + FFN neurons).
 
@@ -73,7 +74,7 @@ class StructuredPruneConfig(TechniqueConfig):
     macs_reduction: float | None = Field(default=None, gt=1.0, le=1000.0, allow_inf_nan=False)
     ratio: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)
     importance: Literal["l1", "l2", "taylor", "bn_gamma"] = "l1"
-    round_to: int = Field(default=8, ge=1, le=4096)
+    round_to: int = Field(default=16, ge=1, le=4096)
     max_ratio: float = Field(default=0.9, gt=0.0, lt=1.0)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
