@@ -81,3 +81,19 @@ def test_sequential_wanda_scores_the_pruned_inputs():
         score = model[2].weight.abs() * h.norm(dim=0).reshape(1, -1)  # (8, 32)
         assert torch.equal(net[2].weight != 0, row_masks(score, 0.5))
     assert not torch.equal(seq[2].weight, one[2].weight)
+
+
+def test_wanda_bias_correction_removes_the_mean_output_shift():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    X = torch.randn(256, 32) + 2.0  # non-zero mean inputs
+    plain = apply_prune(model, {"method": "wanda", "sparsity": 0.5}, data=X)
+    fixed = apply_prune(model, {"method": "wanda", "sparsity": 0.5, "bias_correction": True},
+                        data=X)
+    assert torch.equal(plain[0].weight, fixed[0].weight)  # same masks, only biases move
+    with torch.no_grad():
+        ref, a, b = model(X), plain(X), fixed(X)
+        shift_plain = float((a - ref).mean(0).abs().mean())
+        shift_fixed = float((b - ref).mean(0).abs().mean())
+        err_plain, err_fixed = float((a - ref).square().mean()), float((b - ref).square().mean())
+    assert shift_fixed < 0.5 * shift_plain and err_fixed < err_plain, (shift_plain, shift_fixed)

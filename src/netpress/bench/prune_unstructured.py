@@ -99,12 +99,17 @@ def minilm(quick: bool = False) -> list[dict[str, Any]]:
     # OWL: non-uniform block sparsity (more weights kept in blocks with more outliers), the
     # overall fraction stays exactly 50%
     variants += [("minilm_50pct", 0.5, "wanda", {"owl_lambda": 0.08, "owl_m": 5.0})]
+    # bias correction: each layer's mean output shift moved into its bias (no weight update)
+    variants += [(c, sp, "wanda", {"bias_correction": True})
+                 for c, sp in (("minilm_50pct", 0.5), ("minilm_2of4", "2:4"))]
     for case, spars, method, extra in variants:
         pruned, secs, rep = _apply(model, {"method": method, "sparsity": spars, **extra},
                                    bundle.calibration, model)
-        tag = "_owl" if extra else ""
+        tag = "_owl" if "owl_lambda" in extra else "_biascorr" if extra else ""
         how = (f"OWL λ={extra['owl_lambda']} M={extra['owl_m']}, block sparsities "
-               f"{_block_spread(rep[method].get('layer_sparsity'))}; " if extra else "")
+               f"{_block_spread(rep[method].get('layer_sparsity'))}; " if "owl_lambda" in extra
+               else "bias += (W - W_pruned)·mean(x) on the calibration inputs; " if extra
+               else "")
         seq = "sequential (inputs through the pruned earlier layers); " \
             if method == "sparsegpt" else ""
         rows.append(_row(f"{case}_{method}{tag}", "netpress", f"{method} {spars}{tag}", "cosine",

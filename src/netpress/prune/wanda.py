@@ -11,7 +11,10 @@ pass stops right after the layer); ``false`` (the default) takes every norm from
 dense model (also forced by ``scope: global``). On MiniLM at 50% (192 held-out sentences) the
 sequential variant measured cosine 0.8706 vs 0.8736 for one pass, at many times the cost.
 ``owl_lambda`` > 0 makes the sparsity non-uniform across blocks (OWL,
-:mod:`netpress.prune.owl`) with the same overall fraction.
+:mod:`netpress.prune.owl`) with the same overall fraction. ``bias_correction: true`` then adds
+``(W - W_pruned)·mean(x)`` to each pruned layer's bias, ``mean(x)`` over the calibration inputs
+that reach it through the pruned model (the mean output shift removed; MiniLM 50%, 192 held-out
+sentences: cosine 0.8736 -> 0.8930, 2:4 0.7501 -> 0.7883).
 
 Example:
     >>> import torch, torch.nn as nn, netpress
@@ -53,6 +56,7 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
         sparsity: fraction removed in [0, 1), or ``"2:4"`` / ``"4:8"`` (also ``n``, ``m``).
         scope: ``row`` (per output row, the paper's choice), ``layer`` or ``global``.
         sequential: prune layer by layer from the pruned earlier layers' outputs.
+        bias_correction: move each layer's mean output shift into its bias (layers with a bias).
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform).
         max_batches: use at most this many calibration batches.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -61,6 +65,7 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
     method: Literal["wanda"] = "wanda"
     scope: Literal["row", "layer", "global"] = "row"
     sequential: bool = False
+    bias_correction: bool = False
     max_batches: int | None = Field(default=None, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
@@ -94,6 +99,40 @@ def input_norms(
     return {k: v.sqrt().to(torch.float32) for k, v in sq.items()}
 
 
+def correct_bias(model: nn.Module, modules: list[tuple[str, nn.Module]],
+                 dense: dict[str, torch.Tensor], batches: list) -> None:
+    """``bias += (W_dense - W) · mean(x)`` for every layer with a bias, ``x`` its calibration
+    inputs through ``model`` as it is now (one pass, padding tokens excluded).
+
+    Example:
+        >>> from netpress.core.data import Batch
+        >>> lin = nn.Linear(2, 1); X = torch.randn(8, 2)
+        >>> with torch.no_grad(): dense_out = lin(X).mean()
+        >>> W = lin.weight.detach().clone()
+        >>> with torch.no_grad(): _ = lin.weight.zero_()  # everything pruned
+        >>> correct_bias(lin, [("", lin)], {"": W}, [Batch((X,))])
+        >>> with torch.no_grad(): bool(torch.isclose(lin(X).mean(), dense_out, atol=1e-5))
+        True
+    """
+    sums: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+
+    def add(name: str, rows: torch.Tensor) -> None:  # rows (N, cols)
+        sums[name] = sums[name] + rows.sum(0, dtype=torch.float64) if name in sums \
+            else rows.sum(0, dtype=torch.float64)
+        count[name] = count.get(name, 0) + rows.shape[0]
+
+    capture_inputs(model, modules, batches, add)
+    with torch.no_grad():
+        for name, module in modules:
+            bias = getattr(module, "bias", None)
+            if bias is None or name not in sums:
+                continue
+            mu = (sums[name] / max(count[name], 1)).to(torch.float32)  # (in·k,)
+            delta = (dense[name] - module.weight).reshape(module.weight.shape[0], -1)  # (out, in·k)
+            bias.add_((delta @ mu).to(bias.dtype))
+
+
 @register("prune", "wanda", WandaPruneConfig,
           summary="Wanda: |w|·‖x‖ per output row from one calibration pass (no weight update)")
 def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
@@ -122,6 +161,8 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
                              config.owl_lambda, config.owl_m)
     norms = {} if sequential else input_norms(model, modules, batches)
     scores, masks = [], []
+    dense = {name: m.weight.detach().clone() for name, m in modules} \
+        if config.bias_correction else {}
     for name, module in modules:
         if sequential:  # this layer's inputs through the already pruned earlier layers
             norms = input_norms(model, [(name, module)], batches, stop_after=True)
@@ -144,6 +185,8 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     if scores:  # global scope: rank everything at once
         masks = masks_from_scores(scores, config.sparsity, config.scope, config.nm)
     layers = apply_masks(modules, masks)
+    if config.bias_correction:
+        correct_bias(model, modules, dense, batches)
     ctx.report["wanda"] = summary(layers, scope=config.scope, batches=len(batches),
                                   sequential=sequential,
                                   layer_sparsity=spars if config.owl_lambda else None,
@@ -151,4 +194,4 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     return model
 
 
-__all__ = ["WandaPruneConfig", "input_norms", "prune_wanda"]
+__all__ = ["WandaPruneConfig", "correct_bias", "input_norms", "prune_wanda"]
