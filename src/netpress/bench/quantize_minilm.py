@@ -11,8 +11,11 @@ Rows:
   * ``minilm_int8_dynamic``: netpress ``dynamic`` on ONNX Runtime (``DynamicQuantizeMatMul``) and on
     OpenVINO (int8 compressed weights); anchors ``onnxruntime.quantization.quantize_dynamic``
     (defaults) and ``torch.ao.quantization.quantize_dynamic``;
-  * ``minilm_int8_static``: the anchors NNCF ``nncf.quantize(model_type=TRANSFORMER)`` -> OpenVINO
-    int8 and OpenVINO without quantization (default precision);
+  * ``minilm_int8_static``: netpress ``smoothquant`` (SmoothQuant scaling, static W8A8 QDQ) on
+    OpenVINO (and on ONNX Runtime); the anchors NNCF ``nncf.quantize(model_type=TRANSFORMER)`` ->
+    OpenVINO int8 and OpenVINO without quantization (default precision: f32 on a CPU without
+    bf16 support, bf16 where AMX / avx512_bf16 exist; netpress is then also timed with an f32
+    hint);
   * ``minilm_w4_g32`` / ``minilm_w4_g128`` / ``minilm_w3_g32`` / ``minilm_w3_g128``: netpress rtn,
     gptq, awq (cosine from torch; int4 latency from ONNX Runtime ``MatMulNBits``); anchor ONNX
     Runtime's ``MatMulNBitsQuantizer`` (RTN) at 4 bits. ``size_bytes`` of weight-only rows counts
@@ -34,6 +37,7 @@ import torch
 from netpress.bench import row
 
 THREADS = 2
+SQ_ALPHA = 0.8  # smoothquant migration strength (per-group sweep in netpress.quantize.smooth)
 
 
 def _cos(outputs: list[torch.Tensor], batches: list[Any], ref: list[torch.Tensor]) -> float:
@@ -80,6 +84,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     from netpress.measure import collect_outputs
     from netpress.measure.size import file_bytes
     from netpress.quantize.dynamic import export_dynamic
+    from netpress.quantize.smooth import export_smoothquant_onnx
     from netpress.quantize.weight_only import export_matmul_nbits
 
     torch.set_num_threads(THREADS)
@@ -158,12 +163,36 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                                 runtime="torch", metric=tq_cos, compress_seconds=secs, size_bytes=0,
                                 notes="torch eager (fbgemm)")
 
-    # ---- static int8 anchors (NNCF) and OpenVINO without quantization ------------------------
+    # ---- static int8: netpress smoothquant; anchors NNCF and OpenVINO without quantization -----
     c_def = ov_compile(fp32)
+    prec = str(c_def.get_property("INFERENCE_PRECISION_HINT"))
     fns["ov_default"] = lambda: c_def(feeds)
     info["ov_default"] = dict(case="minilm_int8_static", tool="openvino", method="no quantization",
                               runtime="openvino", metric=ov_cos(c_def), compress_seconds=0.0,
-                              size_bytes=file_bytes(fp32), notes="default inference precision")
+                              size_bytes=file_bytes(fp32),
+                              notes=f"default inference precision (here {prec})")
+    t = time.perf_counter()
+    qs = netpress.quantize(copy.deepcopy(model), {"method": "smoothquant", "alpha": SQ_ALPHA},
+                           data=cal)
+    secs = time.perf_counter() - t
+    sq_info = export_smoothquant_onnx(qs, example.slice(1), tmp / "sq.onnx")
+    sq_note = (f"alpha {SQ_ALPHA}, minmax, {len(sq_info['integer'])} Linears int8 "
+               f"({len(sq_info['float'])} float), attention matmuls float; calibration "
+               f"{sum(b.size for b in cal)} sentences")
+    strict = "f32" in prec or "float32" in prec  # default already strict fp32 (no bf16 ISA)
+    for prec_hint in (None,) if strict else (None, "f32"):
+        c_sq = ov_compile(tmp / "sq.onnx", prec_hint)
+        key = f"np_sq_ov_{prec_hint or 'default'}"
+        fns[key] = (lambda c=c_sq: c(feeds))
+        info[key] = dict(case="minilm_int8_static", tool="netpress", method="smoothquant",
+                         runtime="openvino", metric=ov_cos(c_sq), compress_seconds=secs,
+                         size_bytes=file_bytes(tmp / "sq.onnx"),
+                         notes=f"{sq_note}; precision hint {prec_hint or 'default (' + prec + ')'}")
+    cos, r_sq = ort_cos(tmp / "sq.onnx")
+    fns["np_sq_ort"] = lambda: r_sq.session.run(None, feeds)
+    info["np_sq_ort"] = dict(case="minilm_int8_static", tool="netpress", method="smoothquant",
+                             runtime="onnxruntime", metric=cos, compress_seconds=secs,
+                             size_bytes=file_bytes(tmp / "sq.onnx"), notes=f"{sq_note}; ORT QDQ")
     try:
         import nncf
 
