@@ -113,9 +113,10 @@ class PTQConfig(TechniqueConfig):
         quantize_residual_adds: quantize outputs of layers feeding an Add (default true).
         calibration_examples: examples used for calibration (default 256).
         per_tensor_fallback / per_tensor_min_sqnr_db: see the module doc, step 4.
-        calibration_runtime: ``torch`` (forward hooks on the float model, the default: no copy
-            of every intermediate tensor) or ``onnxruntime`` (the exported fp32 graph with the
-            observed tensors added as outputs). Both see the same float values.
+        calibration_runtime: ``onnxruntime`` (the default: the exported fp32 graph with the
+            observed tensors added as outputs) or ``torch`` (forward hooks on the float model).
+            Both see the same float values; on MobileNetV2 with 256 crops, 2 threads, ORT took
+            22.8 s CPU for the whole PTQ stage and torch hooks 37.3 s.
         bias_correction: empirical, sequential bias correction of every W8A8 conv after
             quantization (:mod:`netpress.quantize.bias_correction`) on the first
             ``bias_correction_examples`` calibration examples, run as one batch.
@@ -135,7 +136,7 @@ class PTQConfig(TechniqueConfig):
     calibration_examples: int = Field(default=256, ge=1, le=1_000_000)
     per_tensor_fallback: bool = True
     per_tensor_min_sqnr_db: float = 10.0
-    calibration_runtime: Literal["torch", "onnxruntime"] = "torch"
+    calibration_runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
     bias_correction: bool = False
     bias_correction_examples: int = Field(default=64, ge=1, le=4096)
     bias_correction_mode: Literal["weight_error", "output_mean"] = "weight_error"
