@@ -175,8 +175,9 @@ LayerFn = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
 
 
 #: calibration batches are run in slices of at most this many examples while capturing inputs
-#: (the activations of one forward, e.g. attention scores, scale with the batch)
-SUB_BATCH = 8
+#: (the activations of one forward, e.g. attention scores, scale with the batch). Measured on
+#: MiniLM GPTQ: slices of 8 took ~2x the CPU of 32 and cut the stage's peak by only ~20 MiB.
+SUB_BATCH = 32
 
 
 def _split(batches: list[Any], n: int) -> list[Any]:
