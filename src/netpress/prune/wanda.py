@@ -20,7 +20,7 @@ Example:
     >>> import torch, torch.nn as nn, netpress
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(8, 4))
-    >>> X = torch.randn(32, 8) * torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 0.01])
+    >>> X = torch.randn(32, 8) * torch.tensor([100.0, 1, 1, 1, 1, 1, 1, 0.01])
     >>> pruned = netpress.prune(model, {"method": "wanda", "sparsity": 0.5}, data=X)
     >>> (pruned[0].weight[:, 0] != 0).all().item(), (pruned[0].weight[:, 7] == 0).all().item()
     (True, True)
