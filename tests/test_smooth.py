@@ -149,3 +149,22 @@ def test_bad_input_errors():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_export_onnx_dispatches_and_recipe_registers(tmp_path):
+    """`export_onnx` (what compress/deploy call) writes the integer graph; recipes know the method."""
+    import onnx
+
+    from netpress.core.config import get_technique
+    from netpress.export.onnx import export_onnx
+
+    assert get_technique("quantize", "smoothquant").config_cls is SmoothQuantConfig
+    q = quantize(_net(), {"method": "smoothquant"}, data=_data())
+    x = _data(1, seed=5)[0]
+    path = export_onnx(q, x.slice(1), tmp_path / "g.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("QuantizeLinear") == 3
+    with torch.no_grad():
+        want = q(x.inputs[0]).numpy()
+    got = OnnxRunner(path, threads=1).run(x)
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()

@@ -244,6 +244,12 @@ def export_onnx(
         from netpress.quantize.qdq_onnx import export_qdq_onnx
 
         return export_qdq_onnx(model, example, path)
+    from netpress.nn.smooth import SmoothQuantLinear  # SmoothQuant W8A8: Mul(1/s) -> Q -> DQ -> MatMul
+
+    if any(isinstance(m, SmoothQuantLinear) for m in model.modules()):
+        from netpress.quantize.smooth import export_smoothquant_onnx
+
+        return Path(export_smoothquant_onnx(model, example, path)["path"])
     if not isinstance(opset, int) or opset < 17:
         raise RecipeError(
             "export_onnx opset", got=opset, expected="an int >= 17", fix="use opset=17 or opset=18"

@@ -22,6 +22,7 @@ from netpress.nn.registry import (
     serializable,
 )
 from netpress.nn.shared import SharedConv, SharedLinear  # noqa: F401  (A4 weight sharing)
+from netpress.nn.smooth import SmoothQuantLinear  # noqa: F401  (Q3 SmoothQuant W8A8)
 from netpress.nn.structured import PrunedBertSelfAttention  # noqa: F401  (P4 heads)
 
 __all__ = [

@@ -14,6 +14,7 @@ from netpress.quantize import (  # noqa: F401  (imported to register their techn
     ptq,
     qat,
     sharing,
+    smooth,
     ternary,
     weight_only,
 )
