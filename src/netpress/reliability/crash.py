@@ -27,11 +27,15 @@ def _dir_bytes(d: Path) -> dict[str, bytes] | None:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())} if d.is_dir() else None
 
 
+_CATCHABLE = {signal.SIGINT, signal.SIGTERM}
+
+
 def _child_write(out: Path, step: float) -> None:
     """In a forked child: write ``out`` through the real ``atomic_dir``, slowly."""
     from netpress.pipeline import atomic_dir
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CATCHABLE)  # held back by the parent across fork
     code = 0
     try:
         time.sleep(step)
@@ -56,9 +60,13 @@ def crash_case(root: Path, sig: int, moment: int, previous: bool, step: float = 
         (out / "old.bin").write_bytes(b"previous good artifact")
     before = _dir_bytes(out)
     new = {f"part{i}.bin": bytes([i]) * 1000 for i in range(CRASH_FILES)}
+    # a signal sent right after fork must meet the child's own SIGINT handler, not the parent's
+    # (e.g. the CLI's when `netpress reliability` runs this): blocked until the child set it
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, _CATCHABLE)
     pid = os.fork()
     if pid == 0:
         _child_write(out, step)
+    signal.pthread_sigmask(signal.SIG_SETMASK, saved)
     name = f"{MOMENTS[moment]} / {signal.Signals(sig).name} / previous={previous}"
     deadline = time.monotonic() + 30
     tmps: list[Path] = []
