@@ -35,9 +35,9 @@ def _child_write(out: Path, step: float) -> None:
     from netpress.pipeline import atomic_dir
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _CATCHABLE)  # held back by the parent across fork
     code = 0
-    try:
+    try:  # a signal held back across fork lands at the unblock: it must end here, via os._exit
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CATCHABLE)
         time.sleep(step)
         with atomic_dir(out, force=True) as tmp:
             for i in range(CRASH_FILES):
