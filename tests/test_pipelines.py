@@ -59,13 +59,8 @@ def _trained():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_recipes_validate(path):
-    try:
-        recipe = Recipe.load(path)
-    except RecipeError as exc:
-        if "method" in str(exc) and "qat" in path.read_text():
-            pytest.skip("quantize: {method: qat} is not registered in this checkout")
-        raise
-    assert recipe.stages
+    recipe = Recipe.load(path)
+    assert recipe.stages or recipe.plan is not None  # a plan: recipe lets the planner pick the stages
 
 
 def test_entropy_coding_round_trip_and_gain():
