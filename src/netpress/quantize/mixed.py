@@ -94,12 +94,13 @@ def layer_bytes(module: nn.Module, bits: int) -> int:
     return packed_numel(w.numel(), bits) + w.shape[0] * 4
 
 
-def _score(model: nn.Module, batches: list[Batch], ref: list[torch.Tensor]) -> tuple[float, float]:
+def score_classifier(model: nn.Module, batches: list[Batch],
+                     ref: list[torch.Tensor]) -> tuple[float, float]:
     """(metric in points, loss) on ``batches``; labels when present, else the float outputs."""
     correct, total, loss = 0, 0, 0.0
     with torch.no_grad():
         for b, r in zip(batches, ref, strict=True):
-            out = b.run(model)
+            out = b.run(model).float()  # (B, classes)
             target = b.target if b.target is not None else r.argmax(-1)
             correct += int((out.argmax(-1) == target).sum())
             total += int(target.numel())
@@ -126,7 +127,7 @@ def sensitivity(model: nn.Module, layers: list[tuple[str, nn.Module]], bits: lis
     model.eval()
     with torch.no_grad():
         ref = [b.run(model) for b in batches]
-    base_metric, base_loss = _score(model, batches, ref)
+    base_metric, base_loss = score_classifier(model, batches, ref)
     table: dict[str, dict[int, dict[str, float]]] = {}
     for name, module in layers:
         original = module.weight.detach().clone()
@@ -135,7 +136,7 @@ def sensitivity(model: nn.Module, layers: list[tuple[str, nn.Module]], bits: lis
             wq = WeightFakeQuant("int", b, original.shape[0])
             with torch.no_grad():
                 module.weight.copy_(wq(original))
-            metric, loss = _score(model, batches, ref)
+            metric, loss = score_classifier(model, batches, ref)
             table[name][b] = {"drop": round(base_metric - metric, 4),
                               "loss_increase": round(loss - base_loss, 6)}
             with torch.no_grad():

@@ -40,11 +40,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from netpress.core.data import Batch
 from netpress.core.errors import DataError, RecipeError
+from netpress.quantize.mixed import score_classifier
 
 VERSION = 1
 
@@ -119,23 +119,6 @@ class SensitivityTable:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def _score(model: nn.Module, batches: list[Batch], ref: list[torch.Tensor]) -> tuple[float, float]:
-    """(metric points, mean loss): labels when present, else agreement / KL to ``ref``."""
-    correct, total, loss = 0, 0, 0.0
-    with torch.inference_mode():
-        for b, r in zip(batches, ref, strict=True):
-            out = b.run(model).float()  # (B, classes)
-            target = b.target if b.target is not None else r.argmax(-1)
-            correct += int((out.argmax(-1) == target).sum())
-            total += int(target.numel())
-            if b.target is not None:
-                loss += float(F.cross_entropy(out, target, reduction="sum"))
-            else:
-                loss += float(F.kl_div(F.log_softmax(out, -1), F.log_softmax(r, -1),
-                                       log_target=True, reduction="sum"))
-    return 100.0 * correct / max(total, 1), loss / max(total, 1)
-
-
 def _take(batches: list[Batch], limit: int) -> list[Batch]:
     out, seen = [], 0
     for b in batches:
@@ -300,7 +283,7 @@ def analyze(model: nn.Module, batches: list[Batch], config: SensitivityConfig | 
     model.eval()
     with torch.inference_mode():
         ref = [b.run(model).float() for b in batches]
-    base_metric, base_loss = _score(model, batches, ref)
+    base_metric, base_loss = score_classifier(model, batches, ref)
     ranges = _act_ranges(model, layers, batches) if config.w8a8 else {}
     drop: dict[str, dict[str, float]] = {}
     loss: dict[str, dict[str, float]] = {}
@@ -320,7 +303,7 @@ def analyze(model: nn.Module, batches: list[Batch], config: SensitivityConfig | 
             try:
                 with torch.no_grad():
                     module.weight.copy_(weight)
-                metric, value = _score(model, batches, ref)
+                metric, value = score_classifier(model, batches, ref)
             finally:
                 if handle is not None:
                     handle.remove()
