@@ -75,7 +75,15 @@ def _linear_bytes(model: torch.nn.Module) -> int:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    """All MiniLM rows (``quick``: 4 evaluation batches, fewer timing runs, int4 g128 only)."""
+    """All MiniLM rows (``quick``: 4 evaluation batches, fewer timing runs, int4 g128 only).
+
+    The ONNX files live in a temporary folder that is removed when the suite ends.
+    """
+    with tempfile.TemporaryDirectory(prefix="np-bench-minilm-") as tmp:
+        return _run(quick, Path(tmp))
+
+
+def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     import openvino as ov
 
     import netpress
@@ -96,7 +104,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     example = ev[0]  # batch 32
     runs = 5 if quick else 20
     rows: list[dict[str, Any]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="np-bench-minilm-"))
     fp32 = export_onnx(model, example.slice(1), tmp / "fp32.onnx")
     r_fp = OnnxRunner(fp32, THREADS)
     feeds = r_fp.feeds(example)
