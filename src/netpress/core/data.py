@@ -157,4 +157,22 @@ def example_inputs(batches: list[Batch], n: int = 1) -> Batch:
     return batches[0].slice(n)
 
 
-__all__ = ["Batch", "as_batches", "example_inputs"]
+def take_examples(batches: list[Batch], limit: int) -> list[Batch]:
+    """The first ``limit`` examples of ``batches``, the last batch sliced to fit.
+
+    Example:
+        >>> bs = [Batch((torch.zeros(4, 2),)), Batch((torch.zeros(4, 2),))]
+        >>> [b.size for b in take_examples(bs, 6)]
+        [4, 2]
+    """
+    out, seen = [], 0
+    for b in batches:
+        if seen >= limit:
+            break
+        n = min(b.size, limit - seen)
+        out.append(b.slice(n) if n < b.size else b)
+        seen += n
+    return out
+
+
+__all__ = ["Batch", "as_batches", "example_inputs", "take_examples"]

@@ -50,7 +50,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
 from netpress.core.config import StageContext, TechniqueConfig, register
-from netpress.core.data import Batch
+from netpress.core.data import Batch, take_examples
 from netpress.core.errors import DataError, ModelError, RecipeError
 from netpress.core.targeting import select
 from netpress.nn.smooth import SmoothQuantLinear
@@ -106,14 +106,8 @@ def _batches(ctx: StageContext, limit: int) -> list[Batch]:
                         got="no batches" if ctx.data is not None else None,
                         expected="at least one calibration batch",
                         fix="give the recipe `data:` (e.g. zoo:sentences) or pass data= to quantize()")
-    out, seen = [], 0
-    for b in data:
-        if seen >= limit:
-            break
-        n = min(b.size, limit - seen)
-        out.append(b.slice(n) if n < b.size else b)
-        seen += n
-    if seen == 0:
+    out = take_examples(data, limit)
+    if sum(b.size for b in out) == 0:
         raise DataError("smoothquant calibration data", got="0 examples", expected="at least one",
                         fix="pass non-empty calibration batches")
     return out

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
 
-from netpress.core.data import Batch
+from netpress.core.data import Batch, take_examples
 from netpress.core.errors import DataError, RecipeError
 from netpress.quantize.mixed import score_classifier
 
@@ -119,17 +119,6 @@ class SensitivityTable:
 
 
 # ------------------------------------------------------------------------------------ scoring
-def _take(batches: list[Batch], limit: int) -> list[Batch]:
-    out, seen = [], 0
-    for b in batches:
-        if seen >= limit:
-            break
-        n = min(b.size, limit - seen)
-        out.append(b.slice(n) if n < b.size else b)
-        seen += n
-    return out
-
-
 def _sparsify(w: torch.Tensor, p: float) -> torch.Tensor:
     k = int(round(p * w.numel()))
     if k <= 0:
@@ -261,7 +250,7 @@ def analyze(model: nn.Module, batches: list[Batch], config: SensitivityConfig | 
         raise DataError("sensitivity analysis data", got="no batches",
                         expected="calibration batches (the evaluation split is never used)",
                         fix="give the recipe `data:` (e.g. zoo:photos)")
-    batches = _take(list(batches), config.max_examples)
+    batches = take_examples(list(batches), config.max_examples)
     layers = [(n, m) for n, m in select(model, config.targets, config.ignore,
                                         where="plan.sensitivity.targets")
               if isinstance(getattr(m, "weight", None), torch.Tensor)]
