@@ -35,7 +35,13 @@ import torch
 
 from netpress.core.data import Batch
 from netpress.core.errors import DataError, ModelError
-from netpress.zoo.sources import digits_arrays, mnist1d_arrays, photo_sources, sentences
+from netpress.zoo.sources import (
+    digits_arrays,
+    docstring_sentences,
+    mnist1d_arrays,
+    photo_sources,
+    sentences,
+)
 
 BATCH_SIZE = 32
 CALIBRATION_EXAMPLES = 256  # digits / MNIST-1D: the first 256 (shuffled) training examples
@@ -48,6 +54,7 @@ PHOTO_SCALES = (1.0, 0.6, 0.35, 0.2, 0.1)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SENTENCE_CALIBRATION = 100
+SENTENCE_TRAIN = 2048  # stdlib docstring sentences for fine-tuning / larger calibration
 SENTENCE_MAX_LENGTH = 128
 
 _DEFAULT_DATA = {
@@ -324,21 +331,25 @@ def _sentences(seed: int) -> DataBundle:
         raise DataError("zoo data 'sentences'", got=f"{len(texts)} sentences",
                         expected=f"more than {SENTENCE_CALIBRATION}",
                         fix="use a full CPython installation (pydoc_data)")
+    train = list(docstring_sentences())
+    random.Random(seed).shuffle(train)
+    train = train[:SENTENCE_TRAIN]
     tok = tokenizer("minilm")
-    calibration = tokenize(tok, cal)
     return DataBundle(
         name="sentences",
-        calibration=calibration,
-        train=calibration,
+        calibration=tokenize(tok, cal),
+        train=tokenize(tok, train),
         evaluation=tokenize(tok, ev),
         task="embedding",
         default_metric="cosine",
         description=(
             f"{len(cal)} calibration and {len(ev)} evaluation sentences (disjoint) of English "
-            "prose from Python's help() topics (pydoc_data), code and markup removed; MiniLM "
-            f"WordPiece tokens, padded per batch, at most {SENTENCE_MAX_LENGTH} tokens."
+            "prose from Python's help() topics (pydoc_data), code and markup removed; "
+            f"{len(train)} train sentences from the standard library's docstrings (none of them "
+            "among the help() sentences); MiniLM WordPiece tokens, padded per batch, at most "
+            f"{SENTENCE_MAX_LENGTH} tokens."
         ),
-        sources={"calibration": cal, "train": cal, "evaluation": ev},
+        sources={"calibration": cal, "train": train, "evaluation": ev},
     )
 
 
