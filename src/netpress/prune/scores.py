@@ -299,6 +299,72 @@ def capture_inputs(
     model.train(was_training)
 
 
+def run_inputs(
+    runs: Sequence[tuple[Callable[[], Any], torch.Tensor | None]],
+    name: str,
+    module: nn.Module,
+    fn: Callable[[torch.Tensor], None],
+) -> None:
+    """Call ``fn(rows)`` with ``module``'s input rows on each run, stopping the run right there.
+
+    ``runs`` are ``(forward, token mask)`` pairs (:func:`netpress.quantize.sequential.model_runs`
+    or a block cache's ``runs()``); ``rows`` is :func:`layer_input_matrix` of the input with the
+    padding tokens removed. One run's rows at a time: nothing is kept.
+    """
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().to(torch.float32)
+        rows = layer_input_matrix(module, x, name)  # (N, cols)
+        mask = mask_now[0]
+        if isinstance(module, nn.Linear) and mask is not None and x.dim() == 3 \
+                and tuple(x.shape[:2]) == tuple(mask.shape):
+            rows = rows[mask.reshape(-1).bool()]
+        fn(rows)
+        raise _Stop
+
+    with _hooks([module.register_forward_pre_hook(hook)]), torch.no_grad():
+        for run, mask in runs:
+            mask_now[0] = mask
+            try:
+                run()
+            except _Stop:
+                pass
+
+
+def sequential_runs(
+    model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batches: Sequence[Batch]
+) -> Iterator[tuple[str, nn.Module, list[tuple[Callable[[], Any], torch.Tensor | None]]]]:
+    """``(name, module, runs)`` in order; ``runs`` reach ``module`` through the modules before it
+    *as they are when the caller asks for the next one* (pruned ones included).
+
+    When the modules live in the blocks of an ``nn.ModuleList`` whose data flow checks out
+    (:class:`netpress.quantize.sequential.BlockCache`), the runs start at the module's block from
+    cached block inputs (one block's inputs held at a time); otherwise each run is a forward of the
+    whole model (stopped at the module by :func:`run_inputs`).
+
+    Example:
+        >>> lin = nn.Linear(4, 2); seen = []
+        >>> for n, m, runs in sequential_runs(nn.Sequential(lin), [("0", lin)], [Batch((torch.ones(3, 4),))]):
+        ...     run_inputs(runs, n, m, lambda rows: seen.append(tuple(rows.shape)))
+        >>> seen
+        [(3, 4)]
+    """
+    from netpress.quantize.sequential import BlockCache, model_runs
+
+    batches = list(batches)
+    cache = BlockCache.build(model, batches, [n for n, _ in modules])
+    for name, module in modules:
+        blk = cache.block_of(name) if cache is not None else None
+        if cache is not None and blk is not None and blk >= cache.index:
+            cache.advance_to(model, blk)
+            yield name, module, cache.runs()
+            continue
+        if cache is not None and cache.index >= 0:
+            cache = None  # a layer outside the blocks changed after their inputs were cached
+        yield name, module, model_runs(model, batches)
+
+
 # ------------------------------------------------------------------------------- fine-tuning
 class MaskKeeper:
     """Fine-tuning callback: pruned weights get no gradient and are re-zeroed after every step.
@@ -339,5 +405,7 @@ __all__ = [
     "masks_from_scores",
     "prunable",
     "row_masks",
+    "run_inputs",
+    "sequential_runs",
     "summary",
 ]

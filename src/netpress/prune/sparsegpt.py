@@ -1,9 +1,12 @@
 """SparseGPT (Frantar & Alistarh 2023, SPEC P3): OBS row updates with the layer Hessian.
 
-Layers are processed one at a time, in definition order. For each layer a pre-forward hook
-captures its inputs ``X`` while the calibration batches run through the *already pruned* earlier
-layers (the forward pass stops right after the layer, and the hook is removed); the layer Hessian
-is ``H = 2/N · XᵀX`` (padding tokens excluded; conv inputs unfolded into patches). Then the
+Layers are processed one at a time, in definition order (true-sequential). For each layer a
+pre-forward hook sees its inputs ``X`` while the calibration batches run through the *already
+pruned* earlier layers (the forward stops at the layer, and the hook is removed); the layer
+Hessian is ``H = 2/N · XᵀX`` (padding tokens excluded; conv inputs unfolded into patches),
+accumulated batch by batch (no layer's inputs are kept). In a transformer the runs start from the
+cached inputs of the layer's block (:func:`netpress.prune.scores.sequential_runs`), so a layer costs
+part of one block's forward, not a forward of the model up to it. Then the
 standard blocked algorithm with lazy updates runs on ``W (rows, cols)``:
 
   * dampen ``H += λ·mean(diag H)·I`` and take ``U = chol(H⁻¹)ᵀ`` (upper Cholesky of the inverse);
@@ -25,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Literal
 
@@ -38,7 +42,13 @@ from netpress.core.progress import track
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
 from netpress.prune.owl import OWLFields, layer_sparsities
-from netpress.prune.scores import calibration_data, capture_inputs, prunable, summary
+from netpress.prune.scores import (
+    calibration_data,
+    prunable,
+    run_inputs,
+    sequential_runs,
+    summary,
+)
 
 
 class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
@@ -49,6 +59,11 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
         blocksize: columns per lazy-update block (also the adaptive-mask block).
         damp: dampening ``λ`` as a fraction of ``mean(diag H)``.
         max_batches: use at most this many calibration batches.
+        bias_correction: after pruning a layer, add ``(W - W_pruned)·mean(x)`` to its bias
+            (``x`` its calibration inputs; the mean output shift removed).
+        target: ``weights`` fits the layer's own dense weights on the pruned-model inputs (the
+            paper); ``dense`` fits the *dense model's* layer outputs (inputs from a dense copy,
+            pushed block by block alongside; :func:`dense_target`), at one more model in memory.
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform), see
             :mod:`netpress.prune.owl`.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -58,6 +73,8 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
     blocksize: int = Field(default=128, ge=1, le=65536)
     damp: float = Field(default=0.01, gt=0.0, le=1.0)
     max_batches: int | None = Field(default=None, ge=1)
+    bias_correction: bool = False
+    target: Literal["weights", "dense"] = "weights"
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
 
@@ -77,7 +94,7 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
 def layer_hessian(
     model: nn.Module, name: str, module: nn.Module, batches: list
 ) -> tuple[torch.Tensor, int]:
-    """``H = 2/N · XᵀX`` of one layer's inputs ``X (N, cols)`` (float64 accumulation).
+    """``H = 2/N · XᵀX`` of one layer's inputs ``X (N, cols)`` through ``model`` as it is now.
 
     Returns:
         ``(H (cols, cols) float32, N)``.
@@ -85,20 +102,82 @@ def layer_hessian(
     Raises:
         RecipeError: the calibration forward pass never reaches the layer.
     """
-    state: dict[str, object] = {"n": 0, "h": None}
+    from netpress.quantize.sequential import model_runs
 
-    def add(_: str, rows: torch.Tensor) -> None:  # rows (N, cols)
-        r = rows.to(torch.float64)
-        h = r.T @ r  # (cols, cols)
-        state["h"] = h if state["h"] is None else state["h"] + h  # type: ignore[operator]
-        state["n"] = int(state["n"]) + r.shape[0]  # type: ignore[call-overload]
+    st = layer_stats(model_runs(model, batches), name, module)
+    return st["H"], int(st["n"])  # type: ignore[return-value]
 
-    capture_inputs(model, [(name, module)], batches, add, stop_after=True)
-    if state["h"] is None or not state["n"]:
+
+def layer_stats(
+    runs: list, name: str, module: nn.Module, dense_runs: list | None = None,
+    dense_module: nn.Module | None = None,
+) -> dict[str, torch.Tensor | int]:
+    """Second moments of the layer's inputs ``X (N, cols)`` on ``runs``.
+
+    Returns ``{"H": 2/N·XᵀX (cols, cols), "n": N, "mean": mean(X) (cols,)}``; with ``dense_runs``
+    (the same batches through the dense model, reaching ``dense_module``) also
+    ``"G": 2/N·X_denseᵀX`` and ``"mean_dense"``. Each run's products are taken in float32 (a few
+    hundred rows) and summed in float64; no run's rows are kept.
+
+    Raises:
+        RecipeError: no run reaches the layer.
+    """
+    acc: dict[str, torch.Tensor] = {}
+    count = [0]
+    last: list[torch.Tensor] = []
+
+    def add(key: str, value: torch.Tensor) -> None:
+        v = value.to(torch.float64)
+        acc[key] = acc[key] + v if key in acc else v
+
+    def grab(rows: torch.Tensor) -> None:  # rows (N, cols)
+        last.append(rows)
+
+    pairs = zip(runs, dense_runs, strict=True) if dense_runs is not None \
+        else ((r, None) for r in runs)
+    for run, dense_run in pairs:
+        last.clear()
+        run_inputs([run], name, module, grab)
+        if not last:
+            continue
+        x = last[0]  # (N, cols)
+        add("H", x.T @ x)
+        add("s", x.sum(0))
+        count[0] += x.shape[0]
+        if dense_run is not None and dense_module is not None:
+            run_inputs([dense_run], name, dense_module, grab)
+            xd = last[1]  # (N, cols), the same tokens through the dense model
+            add("G", xd.T @ x)
+            add("sd", xd.sum(0))
+    n = count[0]
+    if not n:
         raise RecipeError(name, got="a layer the calibration forward pass never reached",
                           expected="layers used by model(inputs)", fix=f"add {name!r} to `ignore`")
-    n = int(state["n"])  # type: ignore[call-overload]
-    return (2.0 / n * state["h"]).to(torch.float32), n  # type: ignore[operator]
+    out: dict[str, torch.Tensor | int] = {
+        "H": (2.0 / n * acc["H"]).to(torch.float32), "n": n,
+        "mean": (acc["s"] / n).to(torch.float32)}
+    if "G" in acc:
+        out["G"] = (2.0 / n * acc["G"]).to(torch.float32)
+        out["mean_dense"] = (acc["sd"] / n).to(torch.float32)
+    return out
+
+
+def dense_target(weight: torch.Tensor, H: torch.Tensor, G: torch.Tensor,
+                 damp: float) -> torch.Tensor:
+    """``W' = W·G·(H + λI)⁻¹``: the dense weights that best map the pruned-model inputs to the
+    dense model's outputs (``‖X_d Wᵀ - X Qᵀ‖² = ‖X (W' - Q)ᵀ‖² + const``), so pruning ``W'`` with
+    ``H`` fits the dense model's outputs, undoing the drift of the earlier pruned layers.
+
+    Example:
+        >>> X = torch.randn(200, 6); W = torch.randn(3, 6)
+        >>> H = 2 / 200 * X.T @ X
+        >>> bool(torch.allclose(dense_target(W, H, H, 1e-9), W, atol=1e-4))
+        True
+    """
+    Hd = H.to(torch.float64).clone()
+    Hd.diagonal().add_(damp * float(torch.diag(Hd).mean()))
+    rhs = (weight.to(torch.float64) @ G.to(torch.float64)).T  # (cols, rows)
+    return torch.linalg.solve(Hd, rhs).T.to(torch.float32).contiguous()  # (rows, cols)
 
 
 def sparsegpt_prune(
@@ -108,6 +187,7 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     damp: float = 0.01,
+    prune_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Prune one weight matrix with OBS updates; the input tensors are not modified.
 
@@ -117,6 +197,8 @@ def sparsegpt_prune(
         sparsity: fraction zeroed (per block of columns), or ``nm`` = ``(n, m)`` kept per group.
         blocksize: lazy-update block width.
         damp: dampening fraction of ``mean(diag H)``.
+        prune_mask: bool ``(rows, cols)``, True = pruned: a mask chosen elsewhere (e.g. Wanda's);
+            only the OBS updates of the kept weights run (``sparsity`` / ``nm`` are ignored).
 
     Returns:
         ``(pruned weight (rows, cols) float32, reconstruction loss Σ err²/2)``.
@@ -147,7 +229,9 @@ def sparsegpt_prune(
         Hinv1 = Hinv[i1:i2, i1:i2]  # (B, B)
         d1 = torch.diag(Hinv1)  # (B,)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if nm is None:
+        if prune_mask is not None:
+            mask1 = prune_mask[:, i1:i2].clone()
+        elif nm is None:
             tmp = W1.square() / d1.reshape(1, -1).square()  # OBS saliency w²/[H⁻¹]_jj²
             k = int(tmp.numel() * float(sparsity or 0.0))
             if k > 0:
@@ -156,7 +240,7 @@ def sparsegpt_prune(
         for i in range(count):
             w = W1[:, i]  # (rows,)
             d = Hinv1[i, i]
-            if nm is not None and i % nm[1] == 0:
+            if prune_mask is None and nm is not None and i % nm[1] == 0:
                 n, m = nm
                 tmp = W1[:, i:i + m].square() / d1[i:i + m].reshape(1, -1).square()  # (rows, m)
                 drop = torch.topk(tmp, m - n, dim=1, largest=False).indices  # (rows, m-n)
@@ -219,20 +303,38 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     start = time.perf_counter()
     spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
                              config.owl_lambda, config.owl_m)
-    for name, module in track(modules, "sparsegpt layers"):
-        H, _ = layer_hessian(model, name, module, batches)
+    corrections = {}
+    steps = sequential_runs(model, modules, batches)
+    dense_steps = None
+    if config.target == "dense":  # the dense model's inputs, block by block alongside
+        ref = copy.deepcopy(model)
+        by_name = dict(ref.named_modules())
+        dense_steps = sequential_runs(ref, [(n, by_name[n]) for n, _ in modules], batches)
+    for name, module, runs in track(steps, "sparsegpt layers", total=len(modules)):
+        ref_step = next(dense_steps) if dense_steps is not None else None
+        st = layer_stats(runs, name, module, *(ref_step[2], ref_step[1]) if ref_step else ())
+        H, mean = st["H"], st["mean"]
         w = module.weight
-        W, err = sparsegpt_prune(w.detach().reshape(w.shape[0], -1), H,
-                                 None if config.nm else spars[name],
+        dense = w.detach().reshape(w.shape[0], -1).to(torch.float32)  # (rows, cols)
+        goal = dense_target(dense, H, st["G"], config.damp) if "G" in st else dense
+        W, err = sparsegpt_prune(goal, H, None if config.nm else spars[name],
                                  config.nm, config.blocksize, config.damp)
         with torch.no_grad():
             w.copy_(W.reshape(w.shape).to(w.dtype))
+            bias = getattr(module, "bias", None)
+            if config.bias_correction and bias is not None:  # the mean output shift, removed
+                shift = dense @ st.get("mean_dense", mean) - W @ mean  # (rows,)
+                bias.add_(shift.to(bias.dtype))
+                corrections[name] = float(shift.abs().mean())
         layers[name] = {"numel": w.numel(), "zeros": int((w == 0).sum())}
         losses[name] = err
+    del dense_steps
     ctx.report["sparsegpt"] = summary(layers, reconstruction_loss=losses,
                                       seconds=time.perf_counter() - start,
                                       layer_sparsity=spars if config.owl_lambda else None,
-                                      nm=f"{config.n}:{config.m}" if config.nm else None)
+                                      nm=f"{config.n}:{config.m}" if config.nm else None,
+                                      batches=len(batches),
+                                      bias_shift=corrections or None)
     return model
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 from pydantic import Field, model_validator
 
 from netpress.core.config import StageContext, TechniqueConfig, register
+from netpress.core.errors import RecipeError
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
 from netpress.prune.owl import OWLFields, layer_sparsities
@@ -45,6 +46,7 @@ from netpress.prune.scores import (
     masks_from_scores,
     prunable,
     row_masks,
+    sequential_runs,
     summary,
 )
 
@@ -57,6 +59,8 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
         scope: ``row`` (per output row, the paper's choice), ``layer`` or ``global``.
         sequential: prune layer by layer from the pruned earlier layers' outputs.
         bias_correction: move each layer's mean output shift into its bias (layers with a bias).
+        update: ``none`` (Wanda: no weight update) or ``obs``: keep Wanda's mask but update the
+            kept weights with SparseGPT's OBS sweep (implies sequential; ``damp`` as SparseGPT's).
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform).
         max_batches: use at most this many calibration batches.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -66,6 +70,8 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
     scope: Literal["row", "layer", "global"] = "row"
     sequential: bool = False
     bias_correction: bool = False
+    update: Literal["none", "obs"] = "none"
+    damp: float = Field(default=0.01, gt=0.0, le=1.0)
     max_batches: int | None = Field(default=None, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
@@ -78,6 +84,8 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
         if self.owl_lambda and (self.nm is not None or self.scope == "global"):
             raise ValueError("owl_lambda needs a fractional sparsity with scope row or layer "
                              "(N:M and global scope fix the per-layer fraction); set owl_lambda: 0")
+        if self.update == "obs" and self.scope == "global":
+            raise ValueError("update: obs prunes layer by layer; use scope: row or layer")
         return self
 
 
@@ -133,6 +141,47 @@ def correct_bias(model: nn.Module, modules: list[tuple[str, nn.Module]],
             bias.add_((delta @ mu).to(bias.dtype))
 
 
+def _mask(module: nn.Module, norm: torch.Tensor, name: str, config: WandaPruneConfig,
+          sparsity: float) -> torch.Tensor | None:
+    """Keep-mask of one layer from its input norms (``None`` for global scope)."""
+    w = module.weight.detach().to(torch.float32)
+    score = w.abs() * norm.reshape((1,) + tuple(w.shape[1:]))  # (out, in, *k)
+    if config.nm is None and config.scope == "row":
+        return row_masks(score, sparsity)
+    if config.nm is not None or config.scope == "layer":
+        return masks_from_scores([(name, score)], sparsity, "layer", config.nm)[0]
+    return None
+
+
+def _sequential(model: nn.Module, modules: list[tuple[str, nn.Module]], batches: list,
+                config: WandaPruneConfig, spars: dict[str, float]) -> dict[str, dict[str, int]]:
+    """Layer by layer: norms (and ``XᵀX`` for ``update: obs``) from the inputs through the pruned
+    earlier layers, block-cached (:func:`netpress.prune.scores.sequential_runs`)."""
+    from netpress.prune.sparsegpt import layer_stats, sparsegpt_prune
+
+    layers = {}
+    for name, module, runs in sequential_runs(model, modules, batches):
+        st = layer_stats(runs, name, module)
+        H, mean = st["H"], st["mean"]
+        norm = (torch.diag(H).clamp_min(0) * (int(st["n"]) / 2)).sqrt()  # ‖x_j‖₂ = sqrt(Σ x_j²)
+        keep = _mask(module, norm, name, config, spars[name])
+        assert keep is not None  # global scope never runs sequentially
+        w = module.weight
+        dense = w.detach().reshape(w.shape[0], -1).to(torch.float32)  # (out, in·k)
+        if config.update == "obs":  # Wanda's mask, the kept weights updated as in SparseGPT
+            new, _ = sparsegpt_prune(dense, H, prune_mask=~keep.reshape(dense.shape),
+                                     damp=config.damp)
+        else:
+            new = dense.masked_fill(~keep.reshape(dense.shape), 0.0)
+        with torch.no_grad():
+            w.copy_(new.reshape(w.shape).to(w.dtype))
+            bias = getattr(module, "bias", None)
+            if config.bias_correction and bias is not None:
+                bias.add_(((dense - new) @ mean).to(bias.dtype))
+        layers[name] = {"numel": w.numel(), "zeros": int((w == 0).sum())}
+    return layers
+
+
 @register("prune", "wanda", WandaPruneConfig,
           summary="Wanda: |w|·‖x‖ per output row from one calibration pass (no weight update)")
 def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
@@ -156,39 +205,34 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     if config.nm is not None:
         for name, m in modules:
             check_nm_shape(tuple(m.weight.shape), config.nm[1], name)
-    sequential = config.sequential and config.scope != "global"
+    sequential = (config.sequential or config.update == "obs") and config.scope != "global"
     spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
                              config.owl_lambda, config.owl_m)
-    norms = {} if sequential else input_norms(model, modules, batches)
-    scores, masks = [], []
-    dense = {name: m.weight.detach().clone() for name, m in modules} \
-        if config.bias_correction else {}
-    for name, module in modules:
-        if sequential:  # this layer's inputs through the already pruned earlier layers
-            norms = input_norms(model, [(name, module)], batches, stop_after=True)
-        if name not in norms:
-            from netpress.core.errors import RecipeError
-
-            raise RecipeError(name, got="a layer the calibration forward pass never called",
-                              expected="layers used by model(inputs)",
-                              fix=f"add {name!r} to `ignore`")
-        w = module.weight.detach().to(torch.float32)
-        score = w.abs() * norms[name].reshape((1,) + tuple(w.shape[1:]))  # (out, in, *k)
-        if config.nm is None and config.scope == "row":
-            masks.append(row_masks(score, spars[name]))
-        elif config.nm is not None or config.scope == "layer":
-            masks.append(masks_from_scores([(name, score)], spars[name], "layer", config.nm)[0])
-        else:
-            scores.append((name, score))
-        if sequential:
-            apply_masks([(name, module)], masks[-1:])
-    if scores:  # global scope: rank everything at once
-        masks = masks_from_scores(scores, config.sparsity, config.scope, config.nm)
-    layers = apply_masks(modules, masks)
-    if config.bias_correction:
-        correct_bias(model, modules, dense, batches)
+    if sequential:
+        layers = _sequential(model, modules, batches, config, spars)
+    else:
+        norms = input_norms(model, modules, batches)
+        dense = {name: m.weight.detach().clone() for name, m in modules} \
+            if config.bias_correction else {}
+        scores, masks = [], []
+        for name, module in modules:
+            if name not in norms:
+                raise RecipeError(name, got="a layer the calibration forward pass never called",
+                                  expected="layers used by model(inputs)",
+                                  fix=f"add {name!r} to `ignore`")
+            mask = _mask(module, norms[name], name, config, spars[name])
+            if mask is None:  # global scope: rank everything at once
+                w = module.weight.detach().to(torch.float32)
+                scores.append((name, w.abs() * norms[name].reshape((1,) + tuple(w.shape[1:]))))
+            else:
+                masks.append(mask)
+        if scores:
+            masks = masks_from_scores(scores, config.sparsity, config.scope, config.nm)
+        layers = apply_masks(modules, masks)
+        if config.bias_correction:
+            correct_bias(model, modules, dense, batches)
     ctx.report["wanda"] = summary(layers, scope=config.scope, batches=len(batches),
-                                  sequential=sequential,
+                                  sequential=sequential, update=config.update,
                                   layer_sparsity=spars if config.owl_lambda else None,
                                   nm=f"{config.n}:{config.m}" if config.nm else None)
     return model
