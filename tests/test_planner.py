@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from netpress.core.errors import ConstraintError, RecipeError
@@ -142,7 +143,11 @@ def test_bad_input(tmp_path):
 
 def test_real_trials_end_to_end(tmp_path):
     """Real compression and measurement of two trials (digits CNN, torch runtime)."""
-    res = plan(BASE, tmp_path / "p", trials=2, max_drop=0.05)
+    from netpress.measure import compute_metric
+    from netpress.pipeline import apply_stages, resolve_workload
+    from netpress.search.validation import search_split
+
+    res = plan(BASE, tmp_path / "p", trials=2, max_drop=0.05, validation=0.25)
     assert res.met
     done = [t for t in res.trials if t["state"] == "complete"]
     assert len(done) == 2
@@ -150,3 +155,65 @@ def test_real_trials_end_to_end(tmp_path):
     # 50% magnitude pruning + int8 stores fewer bytes than int8 alone; both keep accuracy
     assert by_family["magnitude_int8"]["size_bytes"] < by_family["int8_weight"]["size_bytes"]
     assert all(t["metric"] > 0.9 and t["latency_ms"] > 0 for t in done)
+    # trials are scored on the validation split (64 of the 256 calibration digits), the claim on
+    # the evaluation split: recompute both independently
+    recipe = Recipe.from_dict({**BASE, "plan": None})
+    work = resolve_workload(recipe)
+    swork = search_split(work, 0.25)
+    assert sum(b.size for b in swork.evaluation) == 64
+    t = by_family["magnitude_int8"]
+    model, _ = apply_stages(work.model, Recipe.from_dict({**BASE, "plan": None,
+                                                          "stages": t["stages"]}), swork)
+    with torch.no_grad():
+        val_out = [b.run(model) for b in swork.evaluation]
+    assert t["metric"] == pytest.approx(compute_metric("accuracy", val_out, swork.evaluation,
+                                                       val_out))
+    front = json.loads((tmp_path / "p" / "front.json").read_text())
+    assert "validation split: the last 64" in front["splits"]["trials"]
+    assert front["splits"]["evaluation_examples"] == 64  # eval_limit
+    best = res.best
+    assert best["verified"]["metric_split"] == "evaluation"
+    full, _ = apply_stages(work.model, Recipe.from_dict({**BASE, "plan": None,
+                                                         "stages": best["stages"]}), work)
+    with torch.no_grad():
+        ev = [b.run(full) for b in work.evaluation]
+    assert best["verified"]["metric"] == pytest.approx(
+        compute_metric("accuracy", ev, work.evaluation, ev))
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert metrics["compressed"]["metric"] == pytest.approx(best["verified"]["metric"])
+
+
+def test_validation_split_is_disjoint_from_what_trials_fit_and_from_evaluation():
+    from netpress.pipeline import resolve_workload
+    from netpress.search.validation import _example_keys, search_split
+
+    work = resolve_workload(Recipe.from_dict({"model": "zoo:digits_cnn", "data": "zoo:digits"}))
+    swork = search_split(work, 0.5)
+
+    def keys(batches):
+        return [k for b in batches for k in _example_keys(b)]
+
+    val, fit, train = keys(swork.evaluation), keys(swork.calibration), keys(swork.train)
+    assert len(val) == 128 and len(fit) == 128  # of the 256 calibration digits
+    assert not set(val) & set(fit) and not set(val) & set(train)
+    assert not set(val) & set(keys(work.evaluation))  # held-out digits never validate
+    assert len(train) == len(keys(work.train)) - 128  # only the validation digits left train
+    assert swork.model is work.model and keys(work.calibration)[-128:] == val
+    # the photos bundle's train split is its calibration split: both lose the validation crops
+    w = work.__class__(work.model, {}, work.calibration, work.evaluation, "accuracy",
+                       train=list(work.calibration))
+    assert keys(search_split(w, 0.5).train) == fit
+
+
+def test_validation_option_is_checked(tmp_path):
+    with pytest.raises(RecipeError, match="validation"):
+        plan(BASE, tmp_path / "p", trials=1, validation=1.0, trial_fn=fake_trial)
+    seen = []
+
+    def spy(payload):
+        seen.append(payload["validation"])
+        return fake_trial(payload)
+
+    plan({**BASE, "plan": {**BASE["plan"], "validation": 0.3}}, tmp_path / "q", trials=1,
+               trial_fn=spy)
+    assert seen == [0.3]

@@ -100,10 +100,37 @@ def test_constraints_and_binding():
 
 @pytest.mark.parametrize("name", ["netpress.search.sensitivity", "netpress.search.pareto",
                                   "netpress.search.space", "netpress.search.planner",
-                                  "netpress.search.plan_report", "netpress.search.trial"])
+                                  "netpress.search.plan_report", "netpress.search.trial",
+                                  "netpress.search.validation"])
 def test_docstring_examples(name):
     import doctest
     import importlib
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and (result.attempted > 0 or name.endswith("trial"))
+
+
+def test_screen_measures_only_the_top_layers_on_all_examples(net_and_data):
+    net, data = net_and_data
+    net = nn.Sequential(*net, nn.ReLU(), nn.Linear(5, 4)).eval()
+    cfg = SensitivityConfig(sparsity=[0.9], bits=[], ranks=[], max_examples=24, screen=1,
+                            screen_examples=4)
+    t = analyze(net, data, cfg, cache=False)
+    coarse = t.extra["coarse"]
+    assert set(coarse) == {"0", "3", "5"} and set(coarse["0"]) == {"sparsity 0.9", "w8a8"}
+    assert t.extra["screen_examples"] == 4 and "on the first 4 examples" in t.data
+    # per setting, the layer of largest coarse score is measured on all 24 examples; not the rest
+    expected = {max(coarse, key=lambda n: coarse[n][c]) for c in t.columns}
+    assert set(t.extra["screened"]) == expected
+    assert {n for n in t.layers if t.measured(n)} == expected
+    rest = [n for n in t.layers if n not in expected]
+    assert rest and all(t.drop[n]["w8a8"] is None for n in rest)
+    assert set(t.ranking()[:len(expected)]) == expected  # measured first, then by coarse score
+    assert set(t.ranking()[len(expected):]) == set(rest)
+    assert heatmap_png(t)[:4] == b"\x89PNG"  # screened-out layers are blank
+    # the measured values equal those of a full analysis
+    full = analyze(net, data, SensitivityConfig(sparsity=[0.9], bits=[], ranks=[],
+                                                max_examples=24), cache=False)
+    for n in expected:
+        assert t.drop[n] == full.drop[n] and t.loss[n] == full.loss[n]
+    assert t.base_metric == full.base_metric == 100.0

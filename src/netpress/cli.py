@@ -132,7 +132,12 @@ def plan(
     max_drop: Annotated[float | None, typer.Option(
         "--max-drop", help="Max metric drop vs the original (metric units).")] = None,
     budget_minutes: Annotated[float | None, typer.Option(
-        "--budget-minutes", help="Start no new trial after this long.")] = None,
+        "--budget-minutes", help="Wall-time budget of the whole run (loading, sensitivity, "
+                                 "trials, verification).")] = None,
+    validation: Annotated[float | None, typer.Option(
+        "--validation", help="Share of the calibration examples held out to score trials "
+                             "(default 0.5); the evaluation split only reports the chosen "
+                             "point.")] = None,
     trials: Annotated[int | None, typer.Option(
         "--trials", help="Total trials of the study (resumed ones count).")] = None,
     runtime: Annotated[str | None, typer.Option(
@@ -156,8 +161,9 @@ def plan(
                       max_latency_ms=max_latency_ms, max_drop=max_drop,
                       budget_minutes=budget_minutes, trials=trials, runtime=runtime,
                       workers=workers, seed=seed, metric=metric, speedup_vs=speedup_vs,
-                      force=force)
-    table = Table("trial", "point", "metric", "MB", "ms", "speed-up", "front", title="plan")
+                      force=force, validation=validation)
+    table = Table("trial", "point", "metric (validation)", "MB", "ms", "speed-up", "front",
+                  title="plan")
     from netpress.search.space import describe
 
     for r in result.trials:
@@ -169,7 +175,10 @@ def plan(
             table.add_row(str(r["number"]), describe(r["params"]), "failed", "", "", "", "")
     out_console.print(table)
     best = result.best or {}
+    claim = best.get("verified", {})
     out_console.print(f"best: trial {best.get('number')} ({describe(best.get('params', {}))}); "
+                      f"metric on the evaluation split {claim.get('metric', float('nan')):.4f}, "
+                      f"{claim.get('speedup', float('nan')):.2f}x re-measured; "
                       f"study: {result.storage}")
     out_console.print(f"wrote {result.out}")
 

@@ -94,10 +94,16 @@ class PlanSpec(BaseModel):
             e.g. ``top1_agreement_confident``, a secondary metric measured for classifiers).
         families: technique combinations the search may use (default: all).
         sensitivity: the per-layer analysis (see :mod:`netpress.search.sensitivity`).
+        validation: share of the calibration examples held out to score trials and check the
+            constraints (the last ones; no trial calibrates or fine-tunes on them). The best point
+            is chosen on them; only its reported metric comes from the evaluation split (see
+            :mod:`netpress.search.validation`).
 
     Example:
         >>> PlanSpec(max_size_mb=4, families=["ptq"]).trials
         20
+        >>> PlanSpec().validation
+        0.5
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -114,6 +120,7 @@ class PlanSpec(BaseModel):
     families: list[PlanFamily] = Field(default_factory=lambda: list(PLAN_FAMILIES),  # type: ignore[arg-type]
                                        min_length=1)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    validation: float = Field(default=0.5, gt=0, lt=1, allow_inf_nan=False)
 
 
 class Recipe(BaseModel):

@@ -81,8 +81,16 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], heatmap: bytes | No
     from netpress.search.space import describe
 
     esc = html.escape
+    splits = meta.get("splits", {})
+    best = next((r for r in rows if r["number"] == meta.get("best")), None)
+    claim = ""
+    if best is not None and "verified" in best:
+        v = best["verified"]
+        claim = (f" Re-measured: {esc(meta['metric_name'])} {v['metric']:.4f} on the evaluation "
+                 f"split (validation {best['metric']:.4f}), {v['size_bytes'] / 1e6:.3f} MB, "
+                 f"{v['speedup']:.2f}x.")
     verdict = ("<p><b>Constraints met.</b> Best: trial "
-               f"{meta['best']}.</p>" if meta["met"] else
+               f"{meta['best']}.{claim}</p>" if meta["met"] else
                f"<p><b>No point meets the constraints</b>; binding: "
                f"{esc(', '.join(meta['binding']) or 'n/a')}. No artifact was written.</p>")
     table = ""
@@ -108,8 +116,11 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], heatmap: bytes | No
 <style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}
 table{{border-collapse:collapse;font-size:90%}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style>
 </head><body><h1>netpress plan: {esc(meta['model'])}</h1>
-<p>Constraints: {esc(meta['constraints_text'])}. Metric: {esc(meta['metric_name'])} on the held-out
-evaluation split (original {o['metric']:.4f}). Runtime <b>{esc(meta['runtime'])}</b>,
+<p>Constraints: {esc(meta['constraints_text'])}. Metric: {esc(meta['metric_name'])}. Trials, the
+front and the constraint checks use the {esc(splits.get('trials', 'validation split'))} (original
+{o['metric']:.4f}); the chosen point's reported metric uses the {esc(splits.get('claim',
+'evaluation split'))} (original {o.get('metric_evaluation', float('nan')):.4f}).
+Runtime <b>{esc(meta['runtime'])}</b>,
 {meta['threads']} thread(s), batch {meta['batch']}; speed-up vs the original on
 {esc(meta['speedup_vs'])} ({o['ref_latency_ms']:.3f} ms). Latency: {esc(meta['latency_method'])}.</p>
 {verdict}{table}

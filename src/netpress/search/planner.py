@@ -1,21 +1,36 @@
 """``netpress plan``: constraints in; the Pareto front, the best artifact and its recipe out (SPEC A2).
 
-1. The original model is measured on the target runtime (metric on the held-out evaluation
-   split, artifact bytes, latency) and on ``speedup_vs`` (default: the same runtime).
-2. Per-layer sensitivity (:mod:`netpress.search.sensitivity`) is measured on the *calibration*
-   split (cached) and seeds the search: the first trials are enqueued from it, and per-layer
-   choices (which layers stay float / unpruned) follow its ranking (:mod:`netpress.search.space`).
-3. An Optuna multi-objective study (TPE, seeded; metric up, size down, latency down, where
+1. The original model is measured on the target runtime (metric on the validation and on the
+   held-out evaluation split, artifact bytes, latency) and on ``speedup_vs`` (default: the same
+   runtime).
+2. **Splits** (:mod:`netpress.search.validation`): the last ``plan.validation`` share of the
+   calibration examples is the *validation* split. Trials calibrate on the rest, are scored on
+   validation and the constraints are checked there; the best point is chosen on validation.
+   The evaluation split is used once, for the chosen point's reported metric (the claim).
+3. Per-layer sensitivity (:mod:`netpress.search.sensitivity`) is measured on the trials'
+   calibration examples (cached) and seeds the search: the first trials are enqueued from it, and
+   per-layer choices (which layers stay float / unpruned) follow its ranking
+   (:mod:`netpress.search.space`).
+4. An Optuna multi-objective study (TPE, seeded; metric up, size down, latency down, where
    latency is taken relative to the paired reference timing so load drift does not bias it; the
    user's constraints passed to the sampler) proposes trials. Each trial is compressed, exported and
    evaluated by :func:`netpress.search.trial.run_trial` through the executor of ``workers``
    (in-process by default, Ray tasks with ``--workers ray``). A trial that crashes is recorded
    with its error and the study goes on.
-4. **Latency** is timed in this (driver) process, one trial at a time, never while trials run:
+5. **Latency** is timed in this (driver) process, one trial at a time, never while trials run:
    each trial's ONNX file is timed right after the reference model, so the speed-up is a paired
    ratio even when the machine's load changes. The best point is re-measured at the end in
    interleaved rounds (original, reference, best; lowest round median kept) before it is claimed.
-5. Output DIR (written atomically): the best artifact meeting the constraints (manifest.json,
+6. **The claim**: the feasible points, best validation metric first, are rebuilt as ``netpress
+   compress`` would (calibrating on the whole calibration split, so ``recipe.yaml`` reproduces the
+   artifact exactly) and re-measured: latency and size (a point that fails them now is skipped
+   for the next one), then the metric on the evaluation split. If that metric breaks
+   ``max_drop`` the plan fails (exit 1): no other point is tried on evaluation data, which would
+   be selection on it.
+7. **Budget**: ``budget_minutes`` bounds the whole run's wall time (loading, sensitivity, trials,
+   verification): no trial starts unless the slowest trial so far plus the estimated
+   verification still fit (a bound on what starts; a slow last step can still overrun it).
+8. Output DIR (written atomically): the best artifact meeting the constraints (manifest.json,
    model.safetensors, metrics.json, model.onnx), ``report.html`` (front plots, sensitivity heat map,
    every trial), ``front.json`` (every trial with params, stages, size/latency/metric, on-front
    flag, errors of failed ones) and ``recipe.yaml`` (``netpress compress recipe.yaml`` rebuilds the
@@ -56,6 +71,7 @@ from netpress.search.pareto import LOWER_IS_BETTER, Constraints, binding, pareto
 from netpress.search.sensitivity import SensitivityTable, analyze
 from netpress.search.trial import latency as _latency
 from netpress.search.trial import run_trial, workload
+from netpress.search.validation import describe as validation_text
 
 _START = [0.0]  # when the running plan() began (elapsed_s of each trial)
 
@@ -128,7 +144,7 @@ def _study_name(recipe: Recipe, spec: PlanSpec, metric: str) -> str:
     key = {k: d[k] for k in ("model", "data", "metric", "seed", "eval_limit", "runtime",
                               "threads", "batch")}
     key.update(families=spec.families, sensitivity=spec.sensitivity.model_dump(),
-               speedup_vs=spec.speedup_vs, plan_metric=metric, v=1)
+               speedup_vs=spec.speedup_vs, plan_metric=metric, validation=spec.validation, v=2)
     return "plan-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,6 +186,7 @@ def plan(
     max_drop: float | None = None,
     budget_minutes: float | None = None,
     trials: int | None = None,
+    validation: float | None = None,
     runtime: str | None = None,
     workers: str | None = None,
     seed: int | None = None,
@@ -178,6 +195,7 @@ def plan(
     families: list[str] | None = None,
     force: bool = False,
     trial_fn: Callable[[dict[str, Any]], dict[str, Any]] = run_trial,
+    sensitivity_cache: bool = True,
 ) -> PlanResult:
     """Search compression settings under constraints; write DIR (see the module doc).
 
@@ -186,8 +204,9 @@ def plan(
             such as ``zoo:mobilenet_v2``.
         out: output directory (refused if it exists, unless ``force``).
         max_size_mb, min_speedup, max_latency_ms, max_drop: the constraints (None = none).
-        budget_minutes: no new trial starts after this long (this invocation).
+        budget_minutes: wall-time budget of this invocation, everything included (see step 7).
         trials: total trials of the study (finished ones of a resumed study count).
+        validation: share of the calibration examples held out to score trials (see step 2).
         runtime: onnxruntime | openvino | torch (overrides the recipe's).
         workers: None/"inprocess", "ray", "ray://HOST:PORT" or "HOST:PORT".
         seed: sampler and compression seed (overrides the recipe's).
@@ -197,6 +216,7 @@ def plan(
         families: technique families searched (default: all; see :mod:`netpress.search.space`).
         force: replace an existing ``out``.
         trial_fn: the trial function (picklable, top level); tests substitute it.
+        sensitivity_cache: read / write the sensitivity cache (False: measured from scratch).
 
     Returns:
         :class:`PlanResult` (``met`` true and ``best`` set when a point meets the constraints).
@@ -221,7 +241,8 @@ def plan(
     spec = _spec(recipe, dict(max_size_mb=max_size_mb, min_speedup=min_speedup,
                               max_latency_ms=max_latency_ms, max_drop=max_drop,
                               budget_minutes=budget_minutes, trials=trials, workers=workers,
-                              speedup_vs=speedup_vs, families=families, metric=metric))
+                              speedup_vs=speedup_vs, families=families, metric=metric,
+                              validation=validation))
     base = Recipe.from_dict({**recipe.to_dict(), **updates})
     torch.manual_seed(base.seed)
     torch.set_num_threads(base.threads)
@@ -229,8 +250,10 @@ def plan(
     _START[0] = start
     status("measuring the original model")
     work, _ref, orig_quality = workload(base)
+    eval_seconds = time.perf_counter() - start  # loading + the original on the evaluation split
+    swork, _sref, val_quality = workload(base, spec.validation)
     metric = spec.metric or work.metric
-    if metric not in orig_quality:
+    if metric not in orig_quality or metric not in val_quality:
         raise RecipeError("plan metric", got=metric,
                           expected=f"one of {', '.join(k for k in orig_quality if k != 'confident_count')}",
                           fix="use the recipe's metric or a secondary metric measured for this task")
@@ -241,10 +264,11 @@ def plan(
     with tempfile.TemporaryDirectory(prefix="netpress-plan-") as scratch_name:
         scratch = Path(scratch_name)
         timer = _Timer(base, spec, work, scratch)
-        original = _original(base, work, timer, scratch, orig_quality[metric],
+        original = _original(base, work, timer, scratch, val_quality[metric],
                              orig_quality[work.metric])
-        status("per-layer sensitivity on the calibration split")
-        table = analyze(work.model, work.calibration, spec.sensitivity)
+        original["metric_evaluation"] = orig_quality[metric]
+        status("per-layer sensitivity on the trials' calibration examples")
+        table = analyze(work.model, swork.calibration, spec.sensitivity, cache=sensitivity_cache)
         db = storage_path(out)
         db.parent.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -258,16 +282,21 @@ def plan(
             for p in space.seed_points(list(spec.families), table):
                 study.enqueue_trial(p, skip_if_exists=True)
         new = 0
+        costs: list[float] = []  # wall seconds of each batch of trials (compress + time)
         with make_executor(spec.workers) as ex:
             while _finished(study) < spec.trials:
-                if spec.budget_minutes and time.perf_counter() - start > spec.budget_minutes * 60:
-                    status(f"budget of {spec.budget_minutes:g} min reached")
+                if spec.budget_minutes and not _fits(start, spec.budget_minutes, costs,
+                                                     _verify_estimate(costs, eval_seconds)):
+                    status(f"budget of {spec.budget_minutes:g} min: no room for another trial "
+                           "and the verification")
                     break
+                t_batch = time.perf_counter()
                 n = min(ex.parallelism, spec.trials - _finished(study))
                 asked = [study.ask() for _ in range(n)]
                 points = [space.suggest(t, list(spec.families), len(table.layers)) for t in asked]
                 payloads = [{"recipe": {**base.to_dict(), "stages": space.stages_for(p, table)},
-                             "threads": base.threads if ex.parallelism == 1 else 1}
+                             "threads": base.threads if ex.parallelism == 1 else 1,
+                             "validation": spec.validation}
                             for p in points]
                 status(f"trials {_finished(study) + 1}..{_finished(study) + n} of {spec.trials}: "
                        + "; ".join(space.describe(p) for p in points))
@@ -275,11 +304,44 @@ def plan(
                 for t, p, pay, o in zip(asked, points, payloads, outcomes, strict=True):
                     _tell(study, t, p, pay, o, timer, cons, original, metric, lower, scratch)
                     new += 1
+                costs.append(time.perf_counter() - t_batch)
         records = _records(study, cons, original, lower)
         result = PlanResult(out, db, False, None, records, new_trials=new)
+        splits = {"trials": validation_text(swork, spec.validation),
+                  "claim": f"evaluation split: {sum(b.size for b in work.evaluation)} held-out "
+                           "examples, used only for the chosen point's reported metric",
+                  "validation_examples": sum(b.size for b in swork.evaluation),
+                  "evaluation_examples": sum(b.size for b in work.evaluation)}
         _finish(result, base, work, table, timer, cons, original, metric, lower, spec, scratch,
-                force)
+                force, splits, start)
     return result
+
+
+def _verify_estimate(costs: list[float], eval_seconds: float) -> float:
+    """Seconds the verification is expected to take: the slowest trial again (rebuilt), the
+    evaluation split (as long as loading + measuring the original took), 9 timings and outputs.
+
+    Example:
+        >>> _verify_estimate([10.0, 30.0], 20.0)
+        110.0
+    """
+    if not costs:
+        return 0.0
+    return max(costs) + eval_seconds + 60.0
+
+
+def _fits(start: float, budget_minutes: float, costs: list[float], finish: float) -> bool:
+    """Whether another batch of trials (as slow as the slowest so far) and the finish fit.
+
+    Example:
+        >>> import time
+        >>> _fits(time.perf_counter(), 1.0, [], 0.0), _fits(time.perf_counter(), 1.0, [50.0], 20.0)
+        (True, False)
+    """
+    elapsed = time.perf_counter() - start
+    if not costs:
+        return elapsed < budget_minutes * 60
+    return elapsed + max(costs) + finish <= budget_minutes * 60
 
 
 def _original(recipe: Recipe, work: Any, timer: _Timer, scratch: Path,
@@ -397,18 +459,22 @@ def _order_best(cands: list[dict[str, Any]], lower: bool) -> list[dict[str, Any]
 
 def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTable,
             timer: _Timer, cons: Constraints, original: dict, metric: str, lower: bool,
-            spec: PlanSpec, scratch: Path, force: bool) -> None:
+            spec: PlanSpec, scratch: Path, force: bool, splits: dict[str, Any],
+            start: float) -> None:
     from netpress.search.plan_report import write_outputs
 
     done = [r for r in result.trials if r["state"] == "complete"]
     feasible = _order_best([r for r in done if r["feasible"]], lower)
     built = None
     for cand in feasible[:3]:  # re-measured before it is claimed; noise may undo a close call
-        status(f"verifying trial {cand['number']} ({space.describe(cand['params'])})")
+        status(f"verifying trial {cand['number']} ({space.describe(cand['params'])}) on the "
+               "evaluation split")
         built = _verify(cand, recipe, work, timer, cons, original, metric, lower, scratch)
         if built is not None:
             result.met, result.best = True, cand
             break
+        if "max_drop" in cand["verified"]["violations"]:
+            break  # trying the next point on evaluation data would select on it
     if not result.met:
         points = done if done else []
         front = [r for r in points if r.get("on_front")] or points
@@ -422,18 +488,30 @@ def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTab
             "speedup_vs": timer.ref_runtime, "constraints": cons.active(),
             "constraints_text": cons.describe(), "met": result.met, "binding": result.binding,
             "best": None if result.best is None else result.best["number"],
+            "splits": {**splits, "note": "trial metrics, the front and original.metric are on "
+                       "the validation split; best.verified and original.metric_evaluation on "
+                       "the evaluation split"},
             "original": original, "storage": str(result.storage), "families": spec.families,
             "latency_method": LATENCY_METHOD, "workers": spec.workers or "inprocess",
             "trials_requested": spec.trials, "new_trials": result.new_trials,
+            "budget_minutes": spec.budget_minutes,
+            "wall_seconds_before_outputs": round(time.perf_counter() - start, 1),
             "sensitivity": {"key": table.key, "cached": table.cached, "data": table.data,
                             "seconds": table.seconds, "columns": table.columns,
                             "most_sensitive": {c: table.ranking(c)[:8] for c in table.columns}}}
     write_outputs(result.out, force, meta, result.trials, table, recipe, work, built)
     if not result.met:
         lines = [f"  trial {r['number']}: {space.describe(r['params'])}: {metric} "
-                 f"{r['metric']:.4f}, {r['size_bytes'] / 1e6:.3f} MB, {r['latency_ms']:.2f} ms "
-                 f"({r['speedup']:.2f}x); breaks {', '.join(r['violations']) or 'none (re-measured)'}"
+                 f"{r['metric']:.4f} (validation), {r['size_bytes'] / 1e6:.3f} MB, "
+                 f"{r['latency_ms']:.2f} ms ({r['speedup']:.2f}x); breaks "
+                 f"{', '.join(r['violations']) or 'none (re-measured)'}"
                  for r in result.closest]
+        for c in feasible[:3]:
+            v = c.get("verified")
+            if v and v["violations"]:
+                lines.append(f"  trial {c['number']} re-measured: {metric} {v['metric']:.4f} on "
+                             f"the evaluation split, {v['speedup']:.2f}x; breaks "
+                             f"{', '.join(v['violations'])}")
         raise PlanConstraintError(
             f"no plan meets the constraints ({cons.describe()}); binding: "
             f"{', '.join(result.binding) or 'none'}; closest points:\n" + "\n".join(lines) + "\n",
@@ -446,9 +524,12 @@ def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTab
 
 def _verify(cand: dict[str, Any], recipe: Recipe, work: Any, timer: _Timer, cons: Constraints,
             original: dict, metric: str, lower: bool, scratch: Path) -> dict[str, Any] | None:
-    """Rebuild ``cand``, re-measure it interleaved with the references; None if it fails now."""
+    """Rebuild ``cand`` on the whole calibration split, as ``netpress compress`` would; measure its
+    size, its metric on the evaluation split and its latency interleaved with the references.
+    None if it breaks a constraint now (``cand["verified"]`` says which)."""
     import numpy as np
 
+    from netpress.export.artifact import save_artifact
     from netpress.pipeline import apply_stages, check_finite, deploy, quality
 
     best_recipe = Recipe.from_dict({**recipe.to_dict(), "stages": cand["stages"],
@@ -457,6 +538,9 @@ def _verify(cand: dict[str, Any], recipe: Recipe, work: Any, timer: _Timer, cons
     model, notes = apply_stages(work.model, best_recipe, work)
     seconds = time.perf_counter() - t0
     check_finite(model, [])
+    art = scratch / f"best-{cand['number']}-art"
+    save_artifact(model, art, source=work.source, recipe={})
+    size = sum(p.stat().st_size for p in art.glob("*.safetensors"))
     dep = deploy(model, timer.example, recipe.runtime, recipe.threads,
                  scratch / f"best-{cand['number']}.onnx")
     _, ref_out, _ = workload(recipe)
@@ -469,12 +553,15 @@ def _verify(cand: dict[str, Any], recipe: Recipe, work: Any, timer: _Timer, cons
         rounds["best"].append(timer.trial(dep.onnx_path or model))
     lat = {k: float(np.min(v)) for k, v in rounds.items()}
     measured = {**secondary, work.metric: value}
-    point = {"metric": float(measured[metric]), "size_bytes": cand["size_bytes"],
+    point = {"metric": float(measured[metric]), "size_bytes": int(size),
              "latency_ms": round(lat["best"], 4), "ref_latency_ms": round(lat["ref"], 4),
              "speedup": round(lat["ref"] / lat["best"], 4)}
-    viol = cons.violations(point, original["metric"], lower)
-    cand["verified"] = {**point, "original_latency_ms": round(lat["orig"], 4),
-                        "rounds": rounds, "violations": viol}
+    viol = cons.violations(point, original["metric_evaluation"], lower)
+    cand["verified"] = {**point, "metric_split": "evaluation", "secondary": measured,
+                        "original_metric": original["metric_evaluation"],
+                        "original_latency_ms": round(lat["orig"], 4),
+                        "rounds": rounds, "violations": viol,
+                        "calibration": "the whole calibration split (as netpress compress)"}
     if viol:
         cand["verify_violations"] = viol
         status(f"trial {cand['number']} fails on re-measurement: {viol}")

@@ -10,6 +10,15 @@ perturbed and the model is run on the **calibration** split (never the evaluatio
 * ``rank R``: the weight, reshaped to (out, in·k·k), replaced by its best rank ``ceil(R·min(out, in·k·k))``
   approximation (truncated SVD).
 
+**Screening** (``screen: K``, what the planner uses on big models): every layer is first measured as
+above on only the first ``screen_examples`` examples (a coarse pass); then only the K layers with the
+largest coarse score per setting are measured on all ``max_examples``. The others keep their coarse
+values in ``extra["coarse"]``, have no full value (``None``) and rank after the measured ones, by
+coarse score. On MobileNetV2 (53 layers, 16 examples, K = 8, 2 screening examples) that is 3.6x fewer
+image forwards. (A one-pass *local* proxy, the relative error of each layer's own output, was tried
+and rejected: on MobileNetV2 it ranks late layers first, while end to end the early depthwise /
+projection layers of blocks 1-2 are the sensitive ones.)
+
 Recorded per layer and setting: the metric drop in points (accuracy when the batches carry labels,
 else top-1 agreement with the unperturbed model) and the loss increase (cross-entropy, or KL to the
 unperturbed outputs). ``score = drop + 100 * loss_increase`` orders layers (the loss term breaks ties
@@ -46,7 +55,7 @@ from netpress.core.data import Batch, take_examples
 from netpress.core.errors import DataError, RecipeError
 from netpress.quantize.mixed import score_classifier
 
-VERSION = 1
+VERSION = 2
 
 
 class SensitivityConfig(BaseModel):
@@ -58,6 +67,9 @@ class SensitivityConfig(BaseModel):
         w8a8: also measure int8 weights + 8-bit input activations (static PTQ's effect).
         ranks: kept fraction of the full rank, each in (0, 1).
         max_examples: calibration examples used (the first ones).
+        screen: measure on all ``max_examples`` only the K layers of largest coarse score per
+            setting (see the module doc); None measures every layer on all of them.
+        screen_examples: examples of the coarse screening pass.
         targets, ignore: module patterns (see :mod:`netpress.core.targeting`).
     """
 
@@ -68,6 +80,8 @@ class SensitivityConfig(BaseModel):
     w8a8: bool = True
     ranks: list[float] = Field(default_factory=lambda: [0.25])
     max_examples: int = Field(default=64, ge=1, le=100_000)
+    screen: int | None = Field(default=None, ge=1, le=100_000)
+    screen_examples: int = Field(default=2, ge=1, le=100_000)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
 
@@ -93,12 +107,21 @@ class SensitivityTable:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def measured(self, layer: str) -> bool:
+        """Whether ``layer`` was measured on all examples (always, unless screened out)."""
+        return all(self.drop[layer].get(c) is not None for c in self.columns)
+
     def score(self, layer: str, column: str) -> float:
-        """``drop + 100 * loss_increase`` (bigger = more sensitive)."""
-        return self.drop[layer][column] + 100.0 * self.loss[layer][column]
+        """``drop + 100 * loss_increase`` (bigger = more sensitive); NaN if screened out."""
+        d, lo = self.drop[layer].get(column), self.loss[layer].get(column)
+        if d is None or lo is None:
+            return float("nan")
+        return d + 100.0 * lo
 
     def ranking(self, column: str | None = None) -> list[str]:
         """Layers, most sensitive first, for one column (default: the sum over all columns).
+
+        Layers screened out (measured on the screening examples only) come last, by that score.
 
         Raises:
             RecipeError: unknown column.
@@ -108,7 +131,13 @@ class SensitivityTable:
                               expected=f"one of {', '.join(self.columns)}",
                               fix="measure it (plan.sensitivity) or pick a measured column")
         cols = [column] if column else self.columns
-        return sorted(self.layers, key=lambda n: (-sum(self.score(n, c) for c in cols), n))
+        coarse = self.extra.get("coarse", {})
+
+        def key(n: str) -> tuple:
+            if self.measured(n):
+                return (0, -sum(self.score(n, c) for c in cols), n)
+            return (1, -sum(coarse.get(n, {}).get(c, 0.0) for c in cols), n)
+        return sorted(self.layers, key=key)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,44 +299,78 @@ def analyze(model: nn.Module, batches: list[Batch], config: SensitivityConfig | 
     start = time.perf_counter()
     was = model.training
     model.eval()
-    with torch.inference_mode():
-        ref = [b.run(model).float() for b in batches]
-    base_metric, base_loss = score_classifier(model, batches, ref)
     ranges = _act_ranges(model, layers, batches) if config.w8a8 else {}
-    drop: dict[str, dict[str, float]] = {}
-    loss: dict[str, dict[str, float]] = {}
     from netpress.core.progress import track
 
-    for name, module in track(layers, "per-layer sensitivity"):
-        original = module.weight.detach().clone()
-        drop[name], loss[name] = {}, {}
-        settings: list[tuple[str, torch.Tensor, Any]] = []
-        settings += [(f"sparsity {p:g}", _sparsify(original, p), None) for p in config.sparsity]
-        settings += [(f"int{b}", _round_bits(original, b), None) for b in config.bits]
+    def settings_of(name: str, module: nn.Module) -> list[tuple[str, torch.Tensor, Any]]:
+        original = module.weight.detach()
+        out: list[tuple[str, torch.Tensor, Any]] = []
+        out += [(f"sparsity {p:g}", _sparsify(original, p), None) for p in config.sparsity]
+        out += [(f"int{b}", _round_bits(original, b), None) for b in config.bits]
         if config.w8a8 and name in ranges:
-            settings.append(("w8a8", _round_bits(original, 8), _fake_quant_input(*ranges[name])))
-        settings += [(f"rank {r:g}", _low_rank(original, r), None) for r in config.ranks]
-        for col, weight, pre_hook in settings:
-            handle = module.register_forward_pre_hook(pre_hook) if pre_hook else None
-            try:
-                with torch.no_grad():
-                    module.weight.copy_(weight)
-                metric, value = score_classifier(model, batches, ref)
-            finally:
-                if handle is not None:
-                    handle.remove()
-                with torch.no_grad():
-                    module.weight.copy_(original)
-            drop[name][col] = round(base_metric - metric, 4)
-            loss[name][col] = round(value - base_loss, 6)
+            out.append(("w8a8", _round_bits(original, 8), _fake_quant_input(*ranges[name])))
+        out += [(f"rank {r:g}", _low_rank(original, r), None) for r in config.ranks]
+        return out
+
+    def measure(subset: list[tuple[str, nn.Module]], data: list[Batch], what: str
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], float]:
+        with torch.inference_mode():
+            ref_out = [b.run(model).float() for b in data]
+        base_m, base_l = score_classifier(model, data, ref_out)
+        drops: dict[str, dict[str, float]] = {}
+        losses: dict[str, dict[str, float]] = {}
+        for name, module in track(subset, what):
+            original = module.weight.detach().clone()
+            drops[name], losses[name] = {}, {}
+            for col, weight, pre_hook in settings_of(name, module):
+                handle = module.register_forward_pre_hook(pre_hook) if pre_hook else None
+                try:
+                    with torch.no_grad():
+                        module.weight.copy_(weight)
+                    metric, value = score_classifier(model, data, ref_out)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                    with torch.no_grad():
+                        module.weight.copy_(original)
+                drops[name][col] = round(base_m - metric, 4)
+                losses[name][col] = round(value - base_l, 6)
+        return drops, losses, base_m
+
+    extra: dict[str, Any] = {}
+    chosen = {n for n, _ in layers}
+    n_all = sum(b.size for b in batches)
+    if config.screen is not None and config.screen < len(layers) \
+            and config.screen_examples < n_all:
+        few = take_examples(batches, config.screen_examples)
+        c_drop, c_loss, _ = measure(layers, few, "sensitivity screening")
+        cols = config.columns()
+        chosen = {n for n, _ in layers if len(c_drop[n]) < len(cols)}  # a setting not measured
+        for col in cols:
+            order = sorted((n for n, _ in layers if col in c_drop[n]),
+                           key=lambda n: -(c_drop[n][col] + 100.0 * c_loss[n][col]))
+            chosen.update(order[:config.screen])
+        extra = {"coarse": {n: {c: round(c_drop[n][c] + 100.0 * c_loss[n][c], 6)
+                                for c in c_drop[n]} for n in c_drop},
+                 "screened": sorted(chosen), "screen": config.screen,
+                 "screen_examples": sum(b.size for b in few)}
+    drop, loss, base_metric = measure([(n, m) for n, m in layers if n in chosen], batches,
+                                      "per-layer sensitivity")
     model.train(was)
+    for name, _ in layers:  # screened out: no end-to-end value
+        if name not in drop:
+            drop[name] = dict.fromkeys(config.columns())
+            loss[name] = dict.fromkeys(config.columns())
     n_examples = sum(b.size for b in batches)
+    screened = (f"; {len(chosen)} of {len(layers)} layers measured on all of them (screen "
+                f"{config.screen}: largest score per setting on the first "
+                f"{extra['screen_examples']} examples)" if extra else "")
     table = SensitivityTable(
         layers=[n for n, _ in layers], columns=config.columns(),
         params={n: int(m.weight.numel()) for n, m in layers}, drop=drop, loss=loss,
         base_metric=round(base_metric, 4),
-        data=f"calibration split, {n_examples} examples", key=key,
-        seconds=round(time.perf_counter() - start, 2))
+        data=f"calibration split, {n_examples} examples{screened}", key=key,
+        seconds=round(time.perf_counter() - start, 2), extra=extra)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -333,8 +396,9 @@ def heatmap_png(table: SensitivityTable) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    values = np.array([[math.log10(1 + max(table.score(n, c), 0.0)) for c in table.columns]
-                       for n in table.layers])  # (layers, settings)
+    values = np.array([[math.log10(1 + max(table.score(n, c), 0.0))
+                        if table.measured(n) else np.nan for c in table.columns]
+                       for n in table.layers])  # (layers, settings); NaN (blank): screened out
     height = max(2.5, 0.18 * len(table.layers) + 1.5)
     fig, ax = plt.subplots(figsize=(1.2 * len(table.columns) + 3.5, height))
     im = ax.imshow(values, aspect="auto", cmap="magma_r")

@@ -93,17 +93,20 @@ def seed_points(families: list[str], table: SensitivityTable) -> list[dict[str, 
 
     keep = 0
     if "w8a8" in table.columns and table.layers:
-        scores = [table.score(n, "w8a8") for n in table.layers]
+        # layers screened out of the end-to-end measurement count as insensitive (score 0)
+        scores = [table.score(n, "w8a8") if table.measured(n) else 0.0 for n in table.layers]
         med = statistics.median(scores)
         keep = min(3, sum(s > 4 * max(med, 1e-9) for s in scores))
     allowed = [k for k in KEEP_CHOICES if k < max(len(table.layers), 1)]
     one = min(allowed, key=lambda k: abs(k - 1))
     keep = min(allowed, key=lambda k: abs(k - max(keep, 1)))
     out: list[dict[str, Any]] = []
-    if "ptq" in families:
-        out.append({"family": "ptq", "ptq_keep": 0, "ptq_act": "percentile", "ptq_wobs": "minmax"})
+    if "ptq" in families:  # the sensitivity-guided point first: the likeliest to be feasible
         out.append({"family": "ptq", "ptq_keep": keep, "ptq_act": "percentile",
                     "ptq_wobs": "minmax"})
+        if keep != 0:
+            out.append({"family": "ptq", "ptq_keep": 0, "ptq_act": "percentile",
+                        "ptq_wobs": "minmax"})
     if "int8_weight" in families:
         out.append({"family": "int8_weight", "w8_keep": 0})
     if "magnitude_int8" in families:

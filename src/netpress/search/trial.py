@@ -56,32 +56,46 @@ def _weights_bytes(art_dir: Path) -> int:
     return sum(file_bytes(p) for p in art_dir.glob("*.safetensors"))
 
 
-def workload(recipe: Recipe) -> tuple[Any, list[torch.Tensor], dict[str, Any]]:
+def workload(recipe: Recipe, validation: float | None = None
+             ) -> tuple[Any, list[torch.Tensor], dict[str, Any]]:
     """(workload, reference outputs of the original on the runtime, the original's quality).
 
-    Cached per process by model, data, metric, seed, eval_limit, runtime, threads and batch.
+    With ``validation`` (a fraction, see :mod:`netpress.search.validation`) the workload is the
+    search split: calibration and train without the held-out examples, and those examples in
+    place of the evaluation split (outputs and quality measured on them).
+
+    Cached per process by model, data, metric, seed, eval_limit, runtime, threads and batch (the
+    full and the search split of one recipe share the loaded model and data).
     """
     from netpress.pipeline import deploy, quality, resolve_workload
+    from netpress.search.validation import search_split
 
     d = recipe.to_dict()
     key = json.dumps({k: d[k] for k in ("model", "data", "metric", "seed", "eval_limit",
                                          "runtime", "threads", "batch")}, sort_keys=True)
-    if key not in _CACHE:
+    if _CACHE.get("key") != key:
         _CACHE.clear()  # one workload at a time: models can be large
-        work = resolve_workload(recipe)
-        example = work.evaluation[0].slice(recipe.batch)
+        _CACHE["key"], _CACHE["resolved"] = key, resolve_workload(recipe)
+    if validation not in _CACHE:
+        work = _CACHE["resolved"]
+        if validation is not None:
+            work = search_split(work, validation)
+        example = _CACHE["resolved"].evaluation[0].slice(recipe.batch)
         with tempfile.TemporaryDirectory(prefix="netpress-plan-ref-") as tmp:
             dep = deploy(work.model, example, recipe.runtime, recipe.threads, Path(tmp) / "o.onnx")
             value, secondary, ref = quality(work, dep, None)
-        _CACHE[key] = (work, ref, {**secondary, work.metric: value})
-    return _CACHE[key]
+        _CACHE[validation] = (work, ref, {**secondary, work.metric: value})
+    return _CACHE[validation]
 
 
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     """Compress ``payload["recipe"]`` and measure it (see the module doc).
 
     Args:
-        payload: ``{"recipe": recipe dict, "threads": torch threads for compression (optional)}``.
+        payload: ``{"recipe": recipe dict, "threads": torch threads for compression (optional),
+            "validation": held-out fraction of the calibration split (optional; the metrics are
+            then measured on those examples, which the stages never see, instead of the
+            evaluation split)}``.
 
     Returns:
         ``metrics`` (the main metric and the secondary ones by name), ``size_bytes``,
@@ -100,8 +114,8 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
     if payload.get("threads"):
         torch.set_num_threads(int(payload["threads"]))
     torch.manual_seed(recipe.seed)
-    work, ref, _orig = workload(recipe)
-    example = work.evaluation[0].slice(recipe.batch)
+    work, ref, _orig = workload(recipe, payload.get("validation"))
+    example = work.evaluation[0].slice(recipe.batch)  # an input of the right shape
     t0 = time.perf_counter()
     model, _notes = apply_stages(work.model, recipe, work)
     seconds = time.perf_counter() - t0
