@@ -7,10 +7,10 @@ ratio, size ratio) and the per-seed values.
 
 Cases:
   * ``kd_<data>`` / ``feature_kd_<data>``: a student derived from the zoo CNN (>= 4x fewer
-    parameters; :data:`KD_SETUP`) trained on labels alone (row ``labels_only``), with Hinton KD
-    (T=4, alpha=0.9), and with KD + FitNets hints; the same epochs and the same input augmentation
-    (shift / noise / mixup) for all three; 3 seeds; "gap recovered" = (KD - labels) /
-    (teacher - labels), of the means.
+    parameters; :data:`KD_SETUP`) trained on labels alone (two baselines: the KD augmentation, and
+    the same with mixup toggled), with Hinton KD (T=4, alpha=0.9; the teacher labels the
+    augmented inputs), and with KD + FitNets hints; the same epochs for all; 3 seeds; "gap
+    recovered" = (KD - labels) / (teacher - labels), of the means, against the stronger baseline.
   * ``svd_minilm``: activation-aware (whitened, error-corrected) SVD of every FFN Linear of MiniLM
     at 50 % of its parameters, statistics from the 100 train sentences, then a short cosine
     distillation from the original on the same sentences; cosine on the 573 evaluation sentences.
@@ -80,16 +80,22 @@ def _nbytes(model: nn.Module) -> int:
 
 
 # KD set-up per data set: student width (>= 4x fewer parameters than the zoo CNN), epochs (the
-# same for labels-only, KD and feature KD), training batch, and the input augmentation that all
-# three get (KD transfers the teacher's function on the perturbed inputs; labels-only gets the
-# same perturbations, mixup with mixed labels).
+# same for every kind), training batch, KD temperature / alpha, and the input augmentation. KD,
+# feature KD and the ``labels`` baseline get ``augment`` (KD transfers the teacher's function on
+# the perturbed inputs; the baseline trains on the same perturbations, mixup with mixed labels);
+# ``labels_alt`` is a second label-only baseline with mixup toggled (``alt_mixup``). The gap is
+# measured against the stronger of the two baselines.
 KD_SETUP: dict[str, dict[str, Any]] = {
-    "digits": {"width": 0.25, "epochs": 40, "batch": 32, "lr": 0.01,
-               "augment": {"shift": 1, "noise": 0.05, "mixup": 1.0}},
-    "mnist1d": {"width": 0.4, "epochs": 40, "batch": 128, "lr": 0.01,
-                "augment": {"shift": 3, "noise": 0.05, "mixup": 1.0}},
+    "digits": {"width": 0.25, "epochs": 40, "batch": 32, "lr": 0.01, "T": 4.0, "alpha": 0.9,
+               "augment": {"shift": 1, "noise": 0.05, "mixup": 1.0}, "alt_mixup": 0.0},
+    # width 0.25 (9.1x smaller): at width 0.4 (4.4x) shift + noise alone let the label-only
+    # student match the teacher (0.9803 vs 0.9790), so there was no gap to recover. 80 epochs and
+    # mixup for KD were picked on a validation split carved from train (1024 examples, seed 0:
+    # labels 0.9678 without mixup / 0.9570 with, KD 0.9775 without / 0.9814 with); at 40 epochs
+    # the label-only student was further behind (0.951 on 512), so the longer run is the fairer.
+    "mnist1d": {"width": 0.25, "epochs": 80, "batch": 128, "lr": 0.01, "T": 4.0, "alpha": 0.9,
+                "augment": {"shift": 3, "noise": 0.05, "mixup": 1.0}, "alt_mixup": 0.0},
 }
-KD_T, KD_ALPHA = 4.0, 0.9
 FEATURES = {"digits": [["5", "5"], ["9", "9"]], "mnist1d": [["5", "5"], ["11", "11"]]}
 
 
@@ -105,7 +111,7 @@ def _rebatch(batches: list, size: int) -> list:
     return [Batch((x[i:i + size],), y[i:i + size]) for i in range(0, len(x), size)]
 
 
-KD_KINDS = ("labels", "labels_nomix", "kd", "feature_kd")
+KD_KINDS = ("labels", "labels_alt", "kd", "feature_kd")
 
 
 def kd_seed(data: str, seed: int, quick: bool, kinds: tuple[str, ...] = KD_KINDS) -> dict[str, Any]:
@@ -125,12 +131,12 @@ def kd_seed(data: str, seed: int, quick: bool, kinds: tuple[str, ...] = KD_KINDS
         out["params"] = count_params(student)
         t0 = time.perf_counter()
         if kind.startswith("labels"):
-            aug = dict(setup["augment"], mixup=0.0) if kind == "labels_nomix" else setup["augment"]
+            aug = _augment(setup, kind)
             fine_tune(student, train, TrainConfig(epochs=epochs, lr=setup["lr"], seed=seed),
                       augmented_ce(aug, seed))
         else:
             dcfg: dict[str, Any] = {"method": kind, "epochs": epochs, "lr": setup["lr"],
-                                    "seed": seed, "temperature": KD_T, "alpha": KD_ALPHA,
+                                    "seed": seed, "temperature": setup["T"], "alpha": setup["alpha"],
                                     "augment": setup["augment"]}
             if kind == "feature_kd":
                 dcfg.update(features=FEATURES[data], beta=1.0)
@@ -140,6 +146,12 @@ def kd_seed(data: str, seed: int, quick: bool, kinds: tuple[str, ...] = KD_KINDS
     return out
 
 
+def _augment(setup: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The augmentation of ``kind`` (``labels_alt``: mixup toggled to ``alt_mixup``)."""
+    return dict(setup["augment"], mixup=setup["alt_mixup"]) if kind == "labels_alt" \
+        else setup["augment"]
+
+
 def _recovered(kd: float, labels: float, teacher: float) -> str:
     if teacher <= labels:
         return f"n/a (labels-only {labels:.4f} >= teacher {teacher:.4f}: no gap)"
@@ -147,44 +159,45 @@ def _recovered(kd: float, labels: float, teacher: float) -> str:
 
 
 def kd_rows(data: str, per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of ``kd_<data>`` / ``feature_kd_<data>`` from the per-seed results."""
+    """Rows of ``kd_<data>`` / ``feature_kd_<data>`` from the per-seed results.
+
+    "Gap recovered" is ``(KD - B) / (teacher - B)`` of the 3-seed means, ``B`` the stronger of the
+    two label-only baselines (``labels``, ``labels_alt``); both are reported.
+    """
     from netpress import zoo
 
     setup = KD_SETUP[data]
     name = {"digits": "digits_cnn", "mnist1d": "mnist1d_cnn"}[data]
     teacher, bundle = zoo.load_model(name), zoo.load_data(data)
     t_acc = _acc(teacher, bundle.evaluation)
-    kinds = KD_KINDS
-    res = {k: [r["acc"][k] for r in per_seed] for k in kinds}
-    secs = {k: statistics.mean(r["secs"][k] for r in per_seed) for k in kinds}
+    res = {k: [r["acc"][k] for r in per_seed] for k in KD_KINDS}
+    secs = {k: statistics.mean(r["secs"][k] for r in per_seed) for k in KD_KINDS}
     mean = {k: statistics.mean(v) for k, v in res.items()}
-    gap = t_acc - mean["labels"]
+    base = max(("labels", "labels_alt"), key=lambda k: mean[k])
     n_student = per_seed[0]["params"]
     ratio = count_params(teacher) / n_student
-    aug = ", ".join(f"{k} {v}" for k, v in setup["augment"].items())
     rows = [_row(f"kd_{data}", "netpress", "teacher (zoo fp32)", "accuracy", t_acc,
-                 _nbytes(teacher), None, f"{count_params(teacher)} params")]
-    for kind, method in (("labels", "labels_only (student, CE)"),
-                         ("labels_nomix", "labels_only, shift+noise only (no mixup)"),
-                         ("kd", f"kd T={KD_T:g} a={KD_ALPHA:g}"),
-                         ("feature_kd", "feature_kd (hints + kd)")):
-        rec = (mean[kind] - mean["labels"]) / gap if gap > 0 else float("nan")
-        aug_k = aug.replace("mixup 1.0", "mixup 0") if kind == "labels_nomix" else aug
+                 _nbytes(teacher), None, f"{count_params(teacher)} params; evaluation split")]
+    for kind in KD_KINDS:
+        aug = ", ".join(f"{k} {v:g}" for k, v in _augment(setup, kind).items())
+        method = {"labels": "labels_only (student, CE)",
+                  "labels_alt": f"labels_only (student, CE), mixup {setup['alt_mixup']:g}",
+                  "kd": f"kd T={setup['T']:g} a={setup['alpha']:g}",
+                  "feature_kd": "feature_kd (hints + kd)"}[kind]
         note = (f"student width {setup['width']}, {n_student} params ({ratio:.1f}x smaller); "
-                f"{per_seed[0]['epochs']} epochs, batch {setup['batch']}, augment ({aug_k}); seeds "
-                f"{[round(v, 4) for v in res[kind]]}")
-        if kind == "labels_nomix":
-            note += ("; gap recovered by kd against this baseline "
-                     f"{_recovered(mean['kd'], mean[kind], t_acc)}")
+                f"{per_seed[0]['epochs']} epochs, batch {setup['batch']}, lr {setup['lr']:g}, "
+                f"augment ({aug}); seeds {[round(v, 4) for v in res[kind]]}")
+        if kind == base:
+            note += "; the stronger label-only baseline"
         if kind in ("kd", "feature_kd"):
-            note += (f"; gap recovered {rec:.0%} (teacher {t_acc:.4f}, labels-only "
-                     f"{mean['labels']:.4f})")
+            note += (f"; gap recovered {_recovered(mean[kind], mean[base], t_acc)} (teacher "
+                     f"{t_acc:.4f}, best labels-only {mean[base]:.4f}; vs the other baseline "
+                     f"{_recovered(mean[kind], min(mean['labels'], mean['labels_alt']), t_acc)})")
         if kind == "feature_kd":
             note += f"; gain over kd {mean['feature_kd'] - mean['kd']:+.4f}"
         case = f"{'feature_kd' if kind == 'feature_kd' else 'kd'}_{data}"
         rows.append(_row(case, "baseline" if kind.startswith("labels") else "netpress", method,
-                         "accuracy",
-                         mean[kind], 4 * n_student, secs[kind], note))
+                         "accuracy", mean[kind], 4 * n_student, secs[kind], note))
     return rows
 
 
