@@ -8,7 +8,8 @@ Rows (case ``mobilenet_v2_w8a8*``), all in one process, latencies interleaved:
   for their float ops, and every OpenVINO row notes the precision OpenVINO reports back (on a
   CPU without AMX / AVX512-BF16 the default already is f32);
 * ``netpress`` PTQ (BN folding, per-channel int8 weights, calibrated uint8 activations, quantized
-  residual Adds): the QDQ ONNX file on ONNX Runtime and on OpenVINO;
+  residual Adds): the QDQ ONNX file on ONNX Runtime and on OpenVINO; the accuracy options of
+  ``VARIANTS`` (AdaRound, ...) on OpenVINO, each with its own PTQ seconds;
 * anchor ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, MinMax) on ORT;
 * anchor ``nncf.quantize`` (defaults) on the OpenVINO model read from the fp32 ONNX.
 
@@ -34,6 +35,13 @@ import torch
 from netpress.bench import row
 
 SUITE, THREADS, ROUNDS = "quantize", 2, 3
+
+#: netpress PTQ variants: case tag -> (extra ``ptq`` config, label). ``""`` is the default recipe
+#: (also run on ONNX Runtime); the others run on OpenVINO only.
+VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "": ({}, ""),
+    "_adaround": ({"rounding": "adaround"}, " + AdaRound (rounding: adaround)"),
+}
 
 
 def _agreement(out: np.ndarray, ref: torch.Tensor) -> tuple[float, float, int]:
@@ -76,18 +84,21 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
     fp32 = export_onnx(model, example, tmp / "fp32.onnx")
 
-    # ---- netpress PTQ
-    ctx_report: dict[str, Any] = {}
-    t0 = time.perf_counter()
+    # ---- netpress PTQ: the default recipe and the accuracy options (VARIANTS)
     from netpress.core.config import StageContext, get_technique, parse_config
 
-    cfg = parse_config("quantize", {"method": "ptq", "weights": {"bits": 8,
-                                    "granularity": "per_channel"},
-                                    "activations": {"bits": 8, "observer": "percentile"}})
-    ctx = StageContext(data=calibration, report=ctx_report)
-    qmodel = get_technique("quantize", "ptq").handler(copy.deepcopy(model), cfg, ctx)
-    qpath = export_qdq_onnx(qmodel, example, tmp / "netpress_w8a8.onnx")
-    np_seconds = time.perf_counter() - t0
+    np_runs: dict[str, tuple[Path, float, dict[str, Any], str]] = {}
+    for tag, (extra, label) in VARIANTS.items():
+        ctx_report: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        cfg = parse_config("quantize", {"method": "ptq", "weights": {"bits": 8,
+                                        "granularity": "per_channel"},
+                                        "activations": {"bits": 8, "observer": "percentile"},
+                                        **extra})
+        ctx = StageContext(data=calibration, report=ctx_report)
+        qmodel = get_technique("quantize", "ptq").handler(copy.deepcopy(model), cfg, ctx)
+        qpath = export_qdq_onnx(qmodel, example, tmp / f"netpress_w8a8{tag}.onnx")
+        np_runs[tag] = (qpath, time.perf_counter() - t0, ctx_report.get("ptq", {}), label)
 
     # ---- ORT quantize_static anchor
     class _Reader(oq.CalibrationDataReader):
@@ -117,10 +128,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                        "fp32 model, OpenVINO default precision (bf16 on AMX)", fp32, None),
         "ov_f32": (OpenVinoRunner(fp32, THREADS, precision="f32"), "openvino", "fp32",
                    "fp32 model, strict f32", fp32, None),
-        "np_ort": (OnnxRunner(qpath, THREADS), "netpress", "ptq", "W8A8 QDQ on ONNX Runtime", qpath,
-                   np_seconds),
-        "np_ov": (OpenVinoRunner(qpath, THREADS, precision="f32"), "netpress", "ptq",
-                  "W8A8 QDQ on OpenVINO, f32 hint for its float ops", qpath, np_seconds),
+        **{f"np{tag}_ort": (OnnxRunner(p, THREADS), "netpress", "ptq",
+                            f"W8A8 QDQ{label} on ONNX Runtime", p, sec)
+           for tag, (p, sec, _rep, label) in np_runs.items() if tag == ""},
+        **{f"np{tag}_ov": (OpenVinoRunner(p, THREADS, precision="f32"), "netpress", "ptq",
+                           f"W8A8 QDQ{label} on OpenVINO, f32 hint for its float ops", p, sec)
+           for tag, (p, sec, _rep, label) in np_runs.items()},
         "ort_static": (OnnxRunner(ort_q, THREADS), "onnxruntime", "quantize_static",
                        "QDQ per-channel MinMax on ONNX Runtime", ort_q, ort_seconds),
         "nncf_ov": (OpenVinoRunner(nncf_model, THREADS, precision="f32"), "nncf", "nncf.quantize",
@@ -128,6 +141,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     nncf_seconds),
     }
     runtimes = {"ort_fp32": "onnxruntime", "np_ort": "onnxruntime", "ort_static": "onnxruntime"}
+    tags = {f"np{tag}_{rt}": tag for tag in np_runs for rt in ("ort", "ov")}
     for key, (runner, *_rest) in runners.items():
         out = np.concatenate([runner.run(b) for b in evaluation])
         cands[key] = {"quality": _agreement(out, ref), "lat": []}
@@ -152,11 +166,14 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         notes = (f"{desc}; top-1 agreement on confident crops (fp32 max-prob >= 0.5, n={n_conf}): "
                  f"{conf:.4f}; {len(ref)} held-out crops; latency: min of {ROUNDS} interleaved "
                  "round medians")
-        if key.startswith("np_"):
-            rep = ctx_report.get("ptq", {})
+        if key in tags:
+            rep = np_runs[tags[key]][2]
             notes += (f"; calibration {rep.get('calibration_examples')} crops, observer "
                       f"{rep.get('observer')}, {len(rep.get('quantized', []))} layers int8, "
-                      f"kept float: {sorted(rep.get('kept_float', {})) or 'none'}")
+                      f"kept float: {sorted(rep.get('kept_float', {})) or 'none'}; PTQ stage "
+                      f"{rep.get('seconds')} s")
+            if rep.get("adaround"):
+                notes += f" of which AdaRound {rep['adaround']['seconds']} s"
         rows.append(row(
             suite=SUITE, case="mobilenet_v2_w8a8" + ("" if key == "ort_fp32" else f"_{key}"),
             tool=tool, method=method, metric_name="top1_agreement", metric=round(all_, 4),
