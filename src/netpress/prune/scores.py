@@ -308,16 +308,18 @@ def run_inputs(
     """Call ``fn(rows)`` with ``module``'s input rows on each run, stopping the run right there.
 
     ``runs`` are ``(forward, token mask)`` pairs (:func:`netpress.quantize.sequential.model_runs`
-    or a block cache's ``runs()``); ``rows`` is :func:`layer_input_matrix` of the input with the
-    padding tokens removed. One run's rows at a time: nothing is kept.
+    or a block cache's ``runs()``); ``rows`` is :func:`layer_input_matrix` of the input (for a
+    LayerNorm, its input flattened to ``(N, features)``) with the padding tokens removed. One
+    run's rows at a time: nothing is kept.
     """
     mask_now: list[torch.Tensor | None] = [None]
 
     def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().to(torch.float32)
-        rows = layer_input_matrix(module, x, name)  # (N, cols)
+        norm = isinstance(module, nn.LayerNorm)
+        rows = x.reshape(-1, x.shape[-1]) if norm else layer_input_matrix(module, x, name)
         mask = mask_now[0]
-        if isinstance(module, nn.Linear) and mask is not None and x.dim() == 3 \
+        if (norm or isinstance(module, nn.Linear)) and mask is not None and x.dim() == 3 \
                 and tuple(x.shape[:2]) == tuple(mask.shape):
             rows = rows[mask.reshape(-1).bool()]
         fn(rows)

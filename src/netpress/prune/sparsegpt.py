@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from netpress.core.config import StageContext, TechniqueConfig, register
@@ -64,6 +65,8 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
         target: ``weights`` fits the layer's own dense weights on the pruned-model inputs (the
             paper); ``dense`` fits the *dense model's* layer outputs (inputs from a dense copy,
             pushed block by block alongside; :func:`dense_target`), at one more model in memory.
+        refit_norms: with ``target: dense``, refit each LayerNorm that follows a pruned layer
+            (before the next one is pruned) to the dense model's outputs (:func:`refit_norm`).
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform), see
             :mod:`netpress.prune.owl`.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -75,6 +78,7 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
     max_batches: int | None = Field(default=None, ge=1)
     bias_correction: bool = False
     target: Literal["weights", "dense"] = "weights"
+    refit_norms: bool = False
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
 
@@ -85,6 +89,9 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
                              "(sparsity: '2:4')")
         if self.nm is not None and self.blocksize % self.nm[1]:
             raise ValueError(f"blocksize {self.blocksize} must be a multiple of M={self.nm[1]}")
+        if self.refit_norms and self.target != "dense":
+            raise ValueError("refit_norms fits the dense model's LayerNorm outputs; "
+                             "it needs target: dense")
         if self.owl_lambda and self.nm is not None:
             raise ValueError("owl_lambda needs a fractional sparsity (N:M fixes the per-layer "
                              "fraction); set owl_lambda: 0")
@@ -275,6 +282,69 @@ def _upper_chol_inverse(H: torch.Tensor) -> torch.Tensor:
                       fix="raise `damp` (e.g. 0.1) or use more calibration data")
 
 
+def _norms_after(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """For each targeted layer, the LayerNorms after it and before the next targeted layer in
+    definition order (a transformer block's post-attention / post-FFN norms)."""
+    out: dict[str, list[str]] = {}
+    current = None
+    targeted = set(names)
+    for n, m in model.named_modules():
+        if n in targeted:
+            current = n
+        elif current is not None and isinstance(m, nn.LayerNorm):
+            out.setdefault(current, []).append(n)
+    return out
+
+
+def refit_norm(runs: list, dense_runs: list, name: str, norm: nn.LayerNorm,
+               dense_norm: nn.LayerNorm) -> float:
+    """Refit a LayerNorm's ``weight``/``bias`` so that, on its inputs through the pruned model, it
+    best matches (least squares per feature) the dense model's LayerNorm outputs on the dense
+    inputs; returns the mean squared error after the fit. Skipped (returns ``nan``) for a
+    LayerNorm without a 1-D affine.
+
+    Example:
+        >>> from netpress.quantize.sequential import model_runs
+        >>> from netpress.core.data import Batch
+        >>> ln, ref = nn.LayerNorm(4), nn.LayerNorm(4)
+        >>> with torch.no_grad(): _ = ref.weight.fill_(2.0)
+        >>> b = [Batch((torch.randn(64, 4),))]
+        >>> err = refit_norm(model_runs(ln, b), model_runs(ref, b), "ln", ln, ref)
+        >>> round(float(ln.weight.mean()), 3), err < 1e-8
+        (2.0, True)
+    """
+    if not norm.elementwise_affine or len(norm.normalized_shape) != 1 or norm.bias is None:
+        return float("nan")
+    acc: dict[str, torch.Tensor] = {}
+    rows: list[torch.Tensor] = []
+    for run, dense_run in zip(runs, dense_runs, strict=True):
+        rows.clear()
+        run_inputs([run], name, norm, rows.append)
+        run_inputs([dense_run], name, dense_norm, rows.append)
+        if len(rows) != 2:
+            continue
+        with torch.no_grad():
+            z = F.layer_norm(rows[0], norm.normalized_shape, eps=norm.eps).double()  # (N, C)
+            y = dense_norm(rows[1]).double()  # (N, C)
+        for key, v in (("z", z.sum(0)), ("y", y.sum(0)), ("zz", (z * z).sum(0)),
+                       ("zy", (z * y).sum(0)), ("yy", (y * y).sum(0)),
+                       ("n", torch.tensor(float(z.shape[0]), dtype=torch.float64))):
+            acc[key] = acc[key] + v if key in acc else v
+    if not acc:
+        return float("nan")
+    n = acc["n"]
+    mz, my = acc["z"] / n, acc["y"] / n
+    var = (acc["zz"] / n - mz * mz).clamp_min(1e-12)
+    gamma = (acc["zy"] / n - mz * my) / var
+    beta = my - gamma * mz
+    err = acc["yy"] / n - 2 * (gamma * acc["zy"] + beta * acc["y"]) / n \
+        + gamma * gamma * acc["zz"] / n + 2 * gamma * beta * mz + beta * beta
+    with torch.no_grad():
+        norm.weight.copy_(gamma.to(norm.weight.dtype))
+        norm.bias.copy_(beta.to(norm.bias.dtype))
+    return float(err.mean())
+
+
 @register("prune", "sparsegpt", SparseGPTPruneConfig,
           summary="SparseGPT: OBS updates with the layer Hessian XᵀX, one layer at a time")
 def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
@@ -306,6 +376,9 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     corrections = {}
     steps = sequential_runs(model, modules, batches)
     dense_steps = None
+    by_model = dict(model.named_modules())
+    norms_after = _norms_after(model, [n for n, _ in modules]) if config.refit_norms else {}
+    norm_err: dict[str, float] = {}
     if config.target == "dense":  # the dense model's inputs, block by block alongside
         ref = copy.deepcopy(model)
         by_name = dict(ref.named_modules())
@@ -328,13 +401,18 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
                 corrections[name] = float(shift.abs().mean())
         layers[name] = {"numel": w.numel(), "zeros": int((w == 0).sum())}
         losses[name] = err
+        if config.refit_norms and ref_step is not None:
+            for ln_name in norms_after.get(name, []):
+                norm_err[ln_name] = refit_norm(runs, ref_step[2], ln_name, by_model[ln_name],
+                                               by_name[ln_name])
     del dense_steps
     ctx.report["sparsegpt"] = summary(layers, reconstruction_loss=losses,
                                       seconds=time.perf_counter() - start,
                                       layer_sparsity=spars if config.owl_lambda else None,
                                       nm=f"{config.n}:{config.m}" if config.nm else None,
                                       batches=len(batches),
-                                      bias_shift=corrections or None)
+                                      bias_shift=corrections or None,
+                                      norm_refit_mse=norm_err or None)
     return model
 
 

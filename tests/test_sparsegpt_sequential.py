@@ -1,0 +1,111 @@
+"""SparseGPT / Wanda sequential paths: block-cached inputs, dense target, LayerNorm refit, OBS update."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from netpress.api import prune as apply_prune
+from netpress.core.data import Batch
+from netpress.core.errors import RecipeError
+from netpress.prune.sparsegpt import layer_hessian, sparsegpt_prune
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    """A residual MLP block with a post-LayerNorm, like a transformer's FFN half."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(d, 2 * d), nn.Linear(2 * d, d), nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.fc2(torch.relu(self.fc1(x))) * scale)
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 16, n: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        scale = torch.ones(())
+        for b in self.blocks:
+            h = b(h, scale)
+        return h
+
+
+def _data(n: int = 4, seed: int = 0) -> list[Batch]:
+    g = torch.Generator().manual_seed(seed)
+    return [Batch((torch.randn(64, 8, generator=g) * torch.linspace(0.2, 3.0, 8),))
+            for _ in range(n)]
+
+
+def _err(model: nn.Module, ref: nn.Module, data: list[Batch]) -> float:
+    with torch.no_grad():
+        return float(sum((b.run(model) - b.run(ref)).square().mean() for b in data))
+
+
+def test_block_cached_inputs_match_whole_model_forwards() -> None:
+    torch.manual_seed(0)
+    net, data = Net(), _data()
+    pruned = apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.5}, data=data)
+    # the plain path: every layer from a forward of the whole (partly pruned) model
+    plain = copy.deepcopy(net)
+    for name, module in plain.named_modules():
+        if isinstance(module, nn.Linear):
+            H, _ = layer_hessian(plain, name, module, data)
+            W, _ = sparsegpt_prune(module.weight.detach(), H, sparsity=0.5)
+            with torch.no_grad():
+                module.weight.copy_(W)
+    for (name, a), b in zip(pruned.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_dense_target_and_norm_refit_lower_the_model_error() -> None:
+    torch.manual_seed(0)
+    net, data, held = Net(), _data(), _data(seed=1)
+    errs = {}
+    for key, extra in (("weights", {}), ("dense", {"target": "dense"}),
+                       ("refit", {"target": "dense", "refit_norms": True})):
+        pruned = apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.6, **extra},
+                             data=data)
+        for name, m in pruned.named_modules():
+            if isinstance(m, nn.Linear):
+                assert int((m.weight == 0).sum()) == int(0.6 * m.weight.numel()), name
+        errs[key] = _err(pruned, net, held)  # on held-out inputs
+    assert errs["dense"] < errs["weights"], errs
+    assert errs["refit"] < errs["weights"], errs
+
+
+def test_refit_norms_needs_dense_target() -> None:
+    with pytest.raises(RecipeError, match="target"):
+        apply_prune(Net(), {"method": "sparsegpt", "sparsity": 0.5, "refit_norms": True},
+                    data=_data(1))
+
+
+def test_wanda_obs_update_keeps_the_wanda_mask_and_lowers_the_error() -> None:
+    torch.manual_seed(0)
+    net, data, held = Net(), _data(), _data(seed=1)
+    seq = apply_prune(copy.deepcopy(net), {"method": "wanda", "sparsity": 0.5, "sequential": True},
+                      data=data)
+    obs = apply_prune(copy.deepcopy(net), {"method": "wanda", "sparsity": 0.5, "update": "obs"},
+                      data=data)
+    first = "inp"  # the first layer sees the same inputs in both: the same Wanda mask
+    assert torch.equal(seq.get_submodule(first).weight == 0, obs.get_submodule(first).weight == 0)
+    for m in obs.modules():
+        if isinstance(m, nn.Linear):  # every row exactly half, as Wanda
+            assert ((m.weight == 0).sum(1) == m.weight.shape[1] // 2).all()
+    assert _err(obs, net, held) < _err(seq, net, held)
