@@ -42,10 +42,10 @@ from netpress.bench import row
 
 SUITE, THREADS = "plan", 2
 MODEL, DATA = "zoo:mobilenet_v2", "zoo:photos"
-BUDGET = {False: 18, True: 8}  # minutes of the whole plan (planner's --budget-minutes)
+BUDGET = {False: 18, True: 14}  # minutes of the whole plan (planner's --budget-minutes)
 VALIDATION = 0.5  # share of the 256 calibration crops held out to score trials
-SENSITIVITY = {"sparsity": [], "bits": [], "ranks": [], "w8a8": True, "max_examples": 16,
-               "screen": 12, "screen_examples": 2}
+SENSITIVITY = {"sparsity": [], "bits": [], "ranks": [], "w8a8": True, "max_examples": 8,
+               "screen": 10, "screen_examples": 2}
 METRIC = "top1_agreement_confident"
 BASELINES = {
     "ptq": [{"quantize": {"method": "ptq"}}],
@@ -78,6 +78,12 @@ def _load() -> str:
     return f"load average at the end {a:.1f} / {b:.1f} / {c:.1f} (1 / 5 / 15 min)"
 
 
+def _phases(meta: dict[str, Any]) -> str:
+    """The planner's wall time by phase (loading + original, sensitivity, trials, verification)."""
+    p = meta.get("phases", {})
+    return ", ".join(f"{k.removesuffix('_s')} {v:.0f}" for k, v in p.items())
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Rows of the planner case (see the module doc)."""
     from netpress.core.errors import ConstraintError
@@ -100,7 +106,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         from netpress import zoo
         from netpress.export.artifact import save_artifact
 
-        save_artifact(zoo.load_model(MODEL[4:]), tmp / "orig", source={}, recipe={})
+        save_artifact(zoo.load_model(MODEL[4:]), tmp / "orig",
+                      source={"kind": "zoo", "name": MODEL[4:]}, recipe={})
         orig_bytes = sum(p.stat().st_size for p in (tmp / "orig").glob("*.safetensors"))
         budget = BUDGET[quick] - (time.perf_counter() - t0) / 60
         try:
@@ -217,7 +224,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                       f"{((claim.get('elapsed_s') or 0) + plan_offset) / 60:.1f} min after the "
                       f"start; first feasible trial at {first_ok / 60:.1f} min; {len(done)} "
                       "trials; re-measured in 3 interleaved rounds; size ratio "
-                      f"{orig_bytes / v['size_bytes']:.2f}x; {_load()}"))
+                      f"{orig_bytes / v['size_bytes']:.2f}x; phases (s) {_phases(meta)}; "
+                      f"{_load()}"))
         else:
             rows.append(row(
                 case="mobilenet_v2_plan_best", tool="netpress", method="none found",
@@ -227,7 +235,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                       f"{plan_seconds / 60:.1f} min from scratch; binding: {meta.get('binding')}; "
                       f"re-measured on evaluation: "
                       f"{[t.get('verified', {}).get('violations') for t in done if 'verified' in t]})"
-                      f"; {_load()}"))
+                      f"; phases (s) {_phases(meta)}; {_load()}"))
     return rows
 
 

@@ -268,7 +268,10 @@ def plan(
                              orig_quality[work.metric])
         original["metric_evaluation"] = orig_quality[metric]
         status("per-layer sensitivity on the trials' calibration examples")
+        phases = {"load_and_original_s": round(time.perf_counter() - start, 1)}
         table = analyze(work.model, swork.calibration, spec.sensitivity, cache=sensitivity_cache)
+        phases["sensitivity_s"] = round(time.perf_counter() - start - phases["load_and_original_s"],
+                                        1)
         db = storage_path(out)
         db.parent.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -305,6 +308,7 @@ def plan(
                     _tell(study, t, p, pay, o, timer, cons, original, metric, lower, scratch)
                     new += 1
                 costs.append(time.perf_counter() - t_batch)
+        phases["trials_s"] = round(time.perf_counter() - start - sum(phases.values()), 1)
         records = _records(study, cons, original, lower)
         result = PlanResult(out, db, False, None, records, new_trials=new)
         splits = {"trials": validation_text(swork, spec.validation),
@@ -313,7 +317,7 @@ def plan(
                   "validation_examples": sum(b.size for b in swork.evaluation),
                   "evaluation_examples": sum(b.size for b in work.evaluation)}
         _finish(result, base, work, table, timer, cons, original, metric, lower, spec, scratch,
-                force, splits, start)
+                force, splits, start, phases)
     return result
 
 
@@ -460,12 +464,13 @@ def _order_best(cands: list[dict[str, Any]], lower: bool) -> list[dict[str, Any]
 def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTable,
             timer: _Timer, cons: Constraints, original: dict, metric: str, lower: bool,
             spec: PlanSpec, scratch: Path, force: bool, splits: dict[str, Any],
-            start: float) -> None:
+            start: float, phases: dict[str, float]) -> None:
     from netpress.search.plan_report import write_outputs
 
     done = [r for r in result.trials if r["state"] == "complete"]
     feasible = _order_best([r for r in done if r["feasible"]], lower)
     built = None
+    t_verify = time.perf_counter()
     for cand in feasible[:3]:  # re-measured before it is claimed; noise may undo a close call
         status(f"verifying trial {cand['number']} ({space.describe(cand['params'])}) on the "
                "evaluation split")
@@ -496,6 +501,7 @@ def _finish(result: PlanResult, recipe: Recipe, work: Any, table: SensitivityTab
             "trials_requested": spec.trials, "new_trials": result.new_trials,
             "budget_minutes": spec.budget_minutes,
             "wall_seconds_before_outputs": round(time.perf_counter() - start, 1),
+            "phases": {**phases, "verify_s": round(time.perf_counter() - t_verify, 1)},
             "sensitivity": {"key": table.key, "cached": table.cached, "data": table.data,
                             "seconds": table.seconds, "columns": table.columns,
                             "most_sensitive": {c: table.ranking(c)[:8] for c in table.columns}}}
