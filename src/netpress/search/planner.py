@@ -70,7 +70,7 @@ from netpress.search import space
 from netpress.search.pareto import LOWER_IS_BETTER, Constraints, binding, pareto_mask
 from netpress.search.sensitivity import SensitivityTable, analyze
 from netpress.search.trial import latency as _latency
-from netpress.search.trial import run_trial, workload
+from netpress.search.trial import measure_seconds, run_trial, workload
 from netpress.search.validation import describe as validation_text
 
 _START = [0.0]  # when the running plan() began (elapsed_s of each trial)
@@ -250,7 +250,7 @@ def plan(
     _START[0] = start
     status("measuring the original model")
     work, _ref, orig_quality = workload(base)
-    eval_seconds = time.perf_counter() - start  # loading + the original on the evaluation split
+    eval_seconds = measure_seconds(base)  # export + the original on the evaluation split
     swork, _sref, val_quality = workload(base, spec.validation)
     metric = spec.metric or work.metric
     if metric not in orig_quality or metric not in val_quality:
@@ -323,7 +323,7 @@ def plan(
 
 def _verify_estimate(costs: list[float], eval_seconds: float) -> float:
     """Seconds the verification is expected to take: the slowest trial again (rebuilt), the
-    evaluation split (as long as loading + measuring the original took), 9 timings and outputs.
+    evaluation split (as long as exporting + measuring the original took), 9 timings, outputs.
 
     Example:
         >>> _verify_estimate([10.0, 30.0], 20.0)

@@ -81,11 +81,22 @@ def workload(recipe: Recipe, validation: float | None = None
         if validation is not None:
             work = search_split(work, validation)
         example = _CACHE["resolved"].evaluation[0].slice(recipe.batch)
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="netpress-plan-ref-") as tmp:
             dep = deploy(work.model, example, recipe.runtime, recipe.threads, Path(tmp) / "o.onnx")
             value, secondary, ref = quality(work, dep, None)
         _CACHE[validation] = (work, ref, {**secondary, work.metric: value})
+        _CACHE[("seconds", validation)] = time.perf_counter() - t0
     return _CACHE[validation]
+
+
+def measure_seconds(recipe: Recipe, validation: float | None = None) -> float:
+    """Seconds the cached :func:`workload` took to export and measure the original on that split
+    (0.0 if it is not cached)."""
+    d = recipe.to_dict()
+    key = json.dumps({k: d[k] for k in ("model", "data", "metric", "seed", "eval_limit",
+                                         "runtime", "threads", "batch")}, sort_keys=True)
+    return float(_CACHE.get(("seconds", validation), 0.0)) if _CACHE.get("key") == key else 0.0
 
 
 def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
@@ -136,4 +147,4 @@ def run_trial(payload: dict[str, Any]) -> dict[str, Any]:
             "compress_seconds": round(seconds, 3), "onnx": onnx, "latency_ms": lat_ms}
 
 
-__all__ = ["LATENCY", "latency", "run_trial", "workload"]
+__all__ = ["LATENCY", "latency", "measure_seconds", "run_trial", "workload"]
