@@ -6,10 +6,12 @@ paper's comparison group), or the scores are ranked per layer / globally, or by 
 weight update, no fine-tuning.
 
 ``sequential: true`` (as in the paper's code) prunes the layers one at a time in definition
-order, each from inputs that flow through the *already pruned* earlier layers (the calibration
-pass stops right after the layer); ``false`` (the default) takes every norm from one pass of the
-dense model (also forced by ``scope: global``). On MiniLM at 50% (192 held-out sentences) the
-sequential variant measured cosine 0.8706 vs 0.8736 for one pass, at many times the cost.
+order, each from inputs that flow through the *already pruned* earlier layers (block-cached
+runs, :func:`netpress.prune.scores.sequential_runs`); ``false`` (the default) takes every norm
+from one pass of the dense model (also forced by ``scope: global``). On MiniLM at 50% (192
+held-out sentences) the sequential variant measured cosine 0.8706 vs 0.8736 for one pass.
+``update: obs`` keeps Wanda's mask but updates the kept weights with SparseGPT's OBS sweep on the
+layer Hessian (sequential; then it is no longer "pruning without weight update").
 ``owl_lambda`` > 0 makes the sparsity non-uniform across blocks (OWL,
 :mod:`netpress.prune.owl`) with the same overall fraction. ``bias_correction: true`` then adds
 ``(W - W_pruned)·mean(x)`` to each pruned layer's bias, ``mean(x)`` over the calibration inputs
