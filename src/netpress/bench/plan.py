@@ -22,6 +22,10 @@ one process:
   the same validation split, size, speed-up; it must not);
 * ``mobilenet_v2_fp32`` — ONNX Runtime fp32, the reference of every ``speedup_vs_fp32``.
 
+Wall time on a shared machine depends on the load, so ``notes`` also give the run's CPU time (user +
+system, all threads; what it asks of the 2 cores whatever the load), the load averages at the start
+and the end, and the wall time by phase (loading + original, sensitivity, trials, verification).
+
 Latency: the planner times each trial right after the ORT fp32 reference (paired ratio); the
 separately measured baselines are timed in 3 rounds interleaved with the reference, lowest round
 median kept. The machine is shared: ratios, not absolute milliseconds, are what to read.
@@ -78,6 +82,14 @@ def _load() -> str:
     return f"load average at the end {a:.1f} / {b:.1f} / {c:.1f} (1 / 5 / 15 min)"
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its reaped children."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _phases(meta: dict[str, Any]) -> str:
     """The planner's wall time by phase (loading + original, sensitivity, trials, verification)."""
     p = meta.get("phases", {})
@@ -94,6 +106,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     from netpress.search.trial import latency, run_trial, workload
 
     torch.set_num_threads(THREADS)
+    load0 = _load()
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()  # from scratch: loading, sensitivity, trials, verification
     base = {"model": MODEL, "data": DATA, "runtime": "openvino",
             "threads": THREADS, "batch": 1, "eval_limit": 64 if quick else None,
@@ -121,6 +135,10 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             claim, trials_all = None, front["trials"]
             print(f"plan: constraints not met: {exc}")
         plan_seconds = time.perf_counter() - t0
+        plan_cpu = _cpu_seconds() - cpu0
+        cpu_text = (f"CPU time of the run {plan_cpu / 60:.1f} min (user + system, all threads: "
+                    f"what it needs of the 2 cores, whatever the load); load at the start: "
+                    f"{load0.removeprefix('load average at the end ')}")
         plan_offset = planner_mod._START[0] - t0  # trials' elapsed_s count from plan()'s start
         work, _ref, orig_q = workload(recipe)
 
@@ -225,7 +243,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                       f"start; first feasible trial at {first_ok / 60:.1f} min; {len(done)} "
                       "trials; re-measured in 3 interleaved rounds; size ratio "
                       f"{orig_bytes / v['size_bytes']:.2f}x; phases (s) {_phases(meta)}; "
-                      f"{_load()}"))
+                      f"{cpu_text}; {_load()}"))
         else:
             rows.append(row(
                 case="mobilenet_v2_plan_best", tool="netpress", method="none found",
@@ -235,7 +253,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                       f"{plan_seconds / 60:.1f} min from scratch; binding: {meta.get('binding')}; "
                       f"re-measured on evaluation: "
                       f"{[t.get('verified', {}).get('violations') for t in done if 'verified' in t]})"
-                      f"; phases (s) {_phases(meta)}; {_load()}"))
+                      f"; phases (s) {_phases(meta)}; {cpu_text}; {_load()}"))
     return rows
 
 
