@@ -13,6 +13,11 @@ With ``activation_aware: true`` the truncation is weighted by the layer's real i
 data; SVD-LLM style whitening, layers in forward order, each corrected for the error of the ones
 before it; see :mod:`netpress.lowrank.whiten`). A layer whose chosen rank saves nothing
 (``r·(I+O) >= I·O``) is left dense and listed in the report.
+``distill: {...}`` then trains the factors (and LayerNorms / biases) to reproduce the original
+model's block outputs and pooled embedding on the run's ``train`` split (calibration data when there
+is none); see :mod:`netpress.lowrank.hidden_kd`. With ``ratio`` and ``allocation: energy`` the
+layers share one weight budget and the ranks follow their (whitened) spectra
+(:mod:`netpress.lowrank.allocate`).
 The result reloads from the artifact (plain ``Sequential``/``Linear`` specs).
 
 Example:
@@ -37,7 +42,9 @@ from pydantic import Field, model_validator
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import DataError, RecipeError
 from netpress.core.targeting import select
+from netpress.lowrank.allocate import allocate_ranks, input_moments
 from netpress.lowrank.common import energy_rank, recover, set_module
+from netpress.lowrank.hidden_kd import HiddenDistillConfig, hidden_distill
 from netpress.lowrank.whiten import corrected_weight, layer_moments, whitened_factors
 from netpress.train.loop import TrainConfig
 
@@ -52,7 +59,15 @@ class SvdConfig(TechniqueConfig):
         targets, ignore: module patterns (default targets: every Linear).
         activation_aware: whiten by the input second moment on the calibration data.
         damping: diagonal damping of that moment (times its mean diagonal).
+        correct: activation-aware only: layers one after another, each fitted to the inputs the
+            compressed layers before it produce (two model passes per layer); ``false``: every
+            layer whitened by the original model's inputs, all moments from one pass (fast on
+            large calibration sets).
         finetune: optional :class:`TrainConfig` run after decomposition.
+        allocation: ``uniform`` (every layer keeps ``ratio``) or ``energy`` (one shared budget of
+            ``ratio`` of the targeted weights, ranks by normalised singular-value energy).
+        distill: optional hidden-state distillation from the original after decomposition
+            (:class:`~netpress.lowrank.hidden_kd.HiddenDistillConfig`).
     """
 
     method: Literal["svd"] = "svd"
@@ -63,12 +78,17 @@ class SvdConfig(TechniqueConfig):
     ignore: list[str] = Field(default_factory=list)
     activation_aware: bool = False
     damping: float = Field(default=0.01, gt=0, le=10)
+    correct: bool = True
     finetune: TrainConfig | None = None
+    allocation: Literal["uniform", "energy"] = "uniform"
+    distill: HiddenDistillConfig | None = None
 
     @model_validator(mode="after")
     def _one_mode(self) -> SvdConfig:
         if sum(v is not None for v in (self.energy, self.ratio, self.rank)) != 1:
             raise ValueError("give exactly one of energy, ratio or rank")
+        if self.allocation == "energy" and self.ratio is None:
+            raise ValueError("allocation: energy shares a ratio budget; give ratio")
         return self
 
 
@@ -123,6 +143,20 @@ def _from_factors(lin: nn.Linear, first_w: torch.Tensor, second_w: torch.Tensor)
     return nn.Sequential(first, second)
 
 
+def _allocate(model: nn.Module, chosen: list[tuple[str, nn.Linear]], config: SvdConfig,
+              ctx: StageContext, moments: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Ranks under one shared budget (spectra of ``W`` or, activation-aware, of ``W·S``)."""
+    assert config.ratio is not None
+    if config.activation_aware and not moments:
+        moments = input_moments(model.eval(), [n for n, _ in chosen], ctx.data or [])
+    sigmas = {}
+    for name, lin in chosen:
+        w = lin.weight.detach().double()
+        sigmas[name] = torch.linalg.svdvals(w @ _chol(moments[name], config.damping)
+                                            if name in moments else w)
+    return allocate_ranks(sigmas, {n: tuple(m.weight.shape) for n, m in chosen}, config.ratio)
+
+
 @register("lowrank", "svd", SvdConfig,
           summary="SVD of Linear layers into two thin Linears; rank from energy, ratio or fixed")
 def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
@@ -132,22 +166,30 @@ def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
                                         where="lowrank.targets") if isinstance(m, nn.Linear)]
     ranks, kept = {}, []
     original = None
+    teacher = ctx.original if ctx.original is not None else (
+        copy.deepcopy(model).eval() if config.distill is not None else None)
     if config.activation_aware:
         if not ctx.data:
             raise DataError("lowrank.activation_aware", got="no calibration data",
                             expected="calibration batches", fix="use a zoo data set, or "
                             "activation_aware: false")
-        original = copy.deepcopy(model).eval()
+        original = copy.deepcopy(model).eval() if config.correct else None
+    shared = (input_moments(model.eval(), [n for n, _ in chosen], ctx.data or [])
+              if config.activation_aware and not config.correct else {})
+    preset = _allocate(model, chosen, config, ctx, shared) if config.allocation == "energy" else {}
     for name, lin in chosen:
         out_f, in_f = lin.weight.shape
         w, cc = lin.weight.detach().double(), None
-        if original is not None:
+        if name in shared:
+            cc = shared[name]
+            sigma = torch.linalg.svdvals(w @ _chol(cc, config.damping))
+        elif original is not None:
             cc, oc, _ = layer_moments(model.eval(), original, name, ctx.data or [])
             w = corrected_weight(w, cc, oc, config.damping)
             sigma = torch.linalg.svdvals(w @ _chol(cc, config.damping))
         else:
             sigma = torch.linalg.svdvals(w)  # (min(O, I),)
-        r = svd_rank(sigma, out_f, in_f, config, name)
+        r = preset[name] if preset else svd_rank(sigma, out_f, in_f, config, name)
         if r * (out_f + in_f) >= out_f * in_f:
             kept.append(name)
             continue
@@ -158,6 +200,12 @@ def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
         ranks[name] = r
     ctx.report.update(ranks=ranks, left_dense=kept)
     ctx.report.update(recover(model, ctx, config.finetune, "lowrank"))
+    if config.distill is not None and ranks:
+        advanced = ctx.advanced if isinstance(ctx.advanced, dict) else {}
+        data = advanced.get("train") or ctx.data
+        res = hidden_distill(model, teacher, data or [], config.distill, list(ranks))
+        ctx.report.update(distill_steps=res.steps, distill_losses=[round(v, 5) for v in res.losses],
+                          distill_blocks=res.blocks, distill_params=res.trained_params)
     return model
 
 
