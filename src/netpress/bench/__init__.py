@@ -39,7 +39,8 @@ SUITES: dict[str, list[str]] = {
     "prune": ["netpress.bench.prune_structured:run", "netpress.bench.prune_unstructured:run"],
     "prune_unstructured": ["netpress.bench.prune_unstructured:run"],  # the P2/P3/P5-P7 part alone
     "prune_structured": ["netpress.bench.prune_structured:run"],
-    "distill": ["netpress.bench.distill:run"],
+    "distill": ["netpress.bench.distill:run", "netpress.bench.distill_svd:run"],
+    "distill_svd": ["netpress.bench.distill_svd:run"],  # the MiniLM SVD case alone
     "plan": ["netpress.bench.plan:run", "netpress.bench.plan_nas:run"],
     "plan_front": ["netpress.bench.plan:run"],
     "plan_nas": ["netpress.bench.plan_nas:run"],
