@@ -4,8 +4,10 @@ pruning of the digits and MNIST-1D CNNs vs ``torch.nn.utils.prune``, and the lot
 Cases (quality always on the held-out ``evaluation`` split; calibration / training on the other
 splits; anchors run in this process on the same models and data):
 
-* ``minilm_50pct_*`` / ``minilm_2of4_*``: one-shot, no fine-tuning; mean cosine of the mean-pooled
-  sentence embeddings to the dense model. Anchor: ``torch.nn.utils.prune.l1_unstructured``.
+* ``minilm_50pct_*`` / ``minilm_2of4_*``: one-shot, no fine-tuning, all 36 encoder Linear layers;
+  mean cosine of the mean-pooled sentence embeddings to the dense model on the evaluation split;
+  calibration: the calibration split plus ``MINILM_TRAIN_SENTENCES`` train-split sentences.
+  Anchor: ``torch.nn.utils.prune.l1_unstructured``.
 * ``digits_90pct_*`` / ``mnist1d_90pct_*``: 90% of the conv/linear weights (global), netpress
   cubic schedule + fine-tuning vs ``torch.nn.utils.prune.global_unstructured`` one-shot; accuracy
   and artifact bytes (bitmask + values) vs dense.
@@ -67,15 +69,55 @@ def _row(case: str, tool: str, method: str, metric_name: str, metric: float, siz
 
 
 # ------------------------------------------------------------------------------------ MiniLM
-def _block_spread(per_layer: dict[str, float] | None) -> str:
-    if not per_layer:
-        return "uniform"
-    vals = sorted(set(round(v, 3) for v in per_layer.values()))
-    return f"{vals[0]:.3f}-{vals[-1]:.3f}"
+#: calibration for the MiniLM one-shot rows: the 100 calibration sentences (help() prose) plus this
+#: many sentences of the ``train`` split (stdlib docstrings), none of them in the evaluation split.
+#: The 100 alone are ~2.5k tokens, too few for the 1536-input FFN output projections' Hessians
+#: (SparseGPT 50%, scratch runs: 100 -> 0.9321, 512 train -> 0.9338, 2048 train -> 0.9357)
+MINILM_TRAIN_SENTENCES = 416
+
+#: the best SparseGPT variant: fit the dense model's outputs, refit the LayerNorms, bias correction
+BEST_SPARSEGPT = {"target": "dense", "refit_norms": True, "bias_correction": True}
 
 
-def minilm(quick: bool = False) -> list[dict[str, Any]]:
-    """One-shot 50% and 2:4 on all-MiniLM-L6-v2 (all encoder Linear layers)."""
+def _minilm_variants() -> list[tuple[str, Any, str, dict[str, Any]]]:
+    """``(case, sparsity, method, extra config)`` of the MiniLM rows, most telling first."""
+    out: list[tuple[str, Any, str, dict[str, Any]]] = []
+    for case, sp in (("minilm_50pct", 0.5), ("minilm_2of4", "2:4")):
+        out += [(case, sp, "sparsegpt", dict(BEST_SPARSEGPT)), (case, sp, "wanda", {}),
+                (case, sp, "magnitude", {}), (case, sp, "sparsegpt", {}),
+                (case, sp, "wanda", {"bias_correction": True})]
+        if case == "minilm_50pct":
+            out += [(case, sp, "wanda", {"update": "obs", "bias_correction": True})]
+    return out
+
+
+def _tag(extra: dict[str, Any]) -> tuple[str, str]:
+    """Case suffix and the notes' description of a variant's options."""
+    if "owl_lambda" in extra:
+        return "_owl", f"OWL λ={extra['owl_lambda']} M={extra['owl_m']}; "
+    tags, how = [], []
+    if extra.get("update") == "obs":
+        tags.append("obs")
+        how.append("Wanda's mask, kept weights updated by SparseGPT's OBS sweep (not plain Wanda)")
+    if extra.get("target") == "dense":
+        tags.append("densetarget")
+        how.append("fits the dense model's layer outputs (W' = W·G·H⁻¹, inputs of a dense copy)")
+    if extra.get("refit_norms"):
+        tags.append("refitnorms")
+        how.append("each LayerNorm after a pruned layer refit per feature to the dense outputs")
+    if extra.get("bias_correction"):
+        tags.append("biascorr")
+        how.append("bias += mean output shift on the calibration inputs")
+    return "".join(f"_{t}" for t in tags), "".join(f"{h}; " for h in how)
+
+
+def minilm(quick: bool = False, cases: tuple[str, ...] = ("minilm_50pct", "minilm_2of4"),
+           anchors: bool = True) -> list[dict[str, Any]]:
+    """One-shot 50% and 2:4 on all-MiniLM-L6-v2 (all 36 encoder Linear layers).
+
+    ``cases`` / ``anchors`` pick a part (the dense and torch rows are the anchors), so the parts
+    can run as separate processes on a busy machine.
+    """
     from torch.nn.utils import prune as tprune
 
     from netpress import zoo
@@ -87,46 +129,42 @@ def minilm(quick: bool = False) -> list[dict[str, Any]]:
     evaluation = bundle.evaluation[:4] if quick else bundle.evaluation
     n_eval = sum(b.size for b in evaluation)
     ref = collect_outputs(model, evaluation)
+    calib = bundle.calibration + bundle.train[: (32 if quick else MINILM_TRAIN_SENTENCES) // 32]
+    n_cal = sum(b.size for b in calib)
+    n_tok = sum(int(b.mask.sum()) for b in calib if b.mask is not None)
 
     def cos(m: nn.Module) -> float:
         return compute_metric("cosine", collect_outputs(m, evaluation), evaluation, ref)
 
-    base = f"{n_eval} held-out sentences; {sum(b.size for b in bundle.calibration)} calibration"
+    n_split = sum(b.size for b in bundle.calibration)
+    base = (f"{n_eval} held-out sentences; calibration {n_cal} sentences ({n_tok} tokens): the "
+            f"{n_split} calibration + {n_cal - n_split} train-split (stdlib docstring) ones")
     rows = [_row("minilm_dense", "netpress", "dense fp32", "cosine", 1.0, _bytes(model, "minilm"),
-                 None, base, threads)]
-    variants = [("minilm_50pct", 0.5, m, {}) for m in ("magnitude", "wanda", "sparsegpt")]
-    variants += [("minilm_2of4", "2:4", m, {}) for m in ("magnitude", "wanda", "sparsegpt")]
-    # OWL: non-uniform block sparsity (more weights kept in blocks with more outliers), the
-    # overall fraction stays exactly 50%
-    variants += [("minilm_50pct", 0.5, "wanda", {"owl_lambda": 0.08, "owl_m": 5.0})]
-    # bias correction: each layer's mean output shift moved into its bias (no weight update)
-    variants += [(c, sp, "wanda", {"bias_correction": True})
-                 for c, sp in (("minilm_50pct", 0.5), ("minilm_2of4", "2:4"))]
-    for case, spars, method, extra in variants:
+                 None, base, threads)] if anchors else []
+    if anchors:
+        anchor = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        for m in anchor.modules():
+            if isinstance(m, nn.Linear):
+                tprune.l1_unstructured(m, "weight", amount=0.5)
+                tprune.remove(m, "weight")
+        secs = time.perf_counter() - t0
+        rows.append(_row("minilm_50pct_torch_l1", "torch.nn.utils.prune", "l1_unstructured 0.5",
+                         "cosine", cos(anchor), _bytes(anchor, "minilm"), secs,
+                         f"per-layer magnitude, the anchor; {base}", threads))
+    for case, spars, method, extra in _minilm_variants():
+        if case not in cases:
+            continue
         pruned, secs, rep = _apply(model, {"method": method, "sparsity": spars, **extra},
-                                   bundle.calibration, model)
-        tag = "_owl" if "owl_lambda" in extra else "_biascorr" if extra else ""
-        how = (f"OWL λ={extra['owl_lambda']} M={extra['owl_m']}, block sparsities "
-               f"{_block_spread(rep[method].get('layer_sparsity'))}; " if "owl_lambda" in extra
-               else "bias += (W - W_pruned)·mean(x) on the calibration inputs; " if extra
-               else "")
+                                   calib, model)
+        tag, how = _tag(extra)
         seq = "sequential (inputs through the pruned earlier layers); " \
-            if method == "sparsegpt" else ""
+            if rep[method].get("sequential") or method == "sparsegpt" else ""
         rows.append(_row(f"{case}_{method}{tag}", "netpress", f"{method} {spars}{tag}", "cosine",
                          cos(pruned), _bytes(pruned, "minilm"), secs,
                          f"one-shot, no fine-tune; {seq}{how}all 36 encoder Linear layers "
                          f"(Q/K/V/attention-out/FFN-in/FFN-out x 6); sparsity "
                          f"{_sparsity(pruned):.3f}; {base}", threads))
-    anchor = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    for m in anchor.modules():
-        if isinstance(m, nn.Linear):
-            tprune.l1_unstructured(m, "weight", amount=0.5)
-            tprune.remove(m, "weight")
-    secs = time.perf_counter() - t0
-    rows.append(_row("minilm_50pct_torch_l1", "torch.nn.utils.prune", "l1_unstructured 0.5",
-                     "cosine", cos(anchor), _bytes(anchor, "minilm"), secs,
-                     f"per-layer magnitude, the anchor; {base}", threads))
     return rows
 
 
