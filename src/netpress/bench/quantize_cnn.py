@@ -41,6 +41,12 @@ SUITE, THREADS, ROUNDS = "quantize", 2, 3
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "": ({}, ""),
     "_adaround": ({"rounding": "adaround"}, " + AdaRound (rounding: adaround)"),
+    "_mse": ({"activations": {"observer": "mse"}}, ", activation observer mse"),
+    "_mse_search": ({"activations": {"observer": "mse", "search": True}},
+                    ", activation observer mse + output-aware range search"),
+    "_mse_search_adaround": ({"activations": {"observer": "mse", "search": True},
+                              "rounding": "adaround"},
+                             ", activation observer mse + range search + AdaRound"),
 }
 
 
@@ -94,7 +100,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         cfg = parse_config("quantize", {"method": "ptq", "weights": {"bits": 8,
                                         "granularity": "per_channel"},
                                         "activations": {"bits": 8, "observer": "percentile"},
-                                        **extra})
+                                        "rounding": "nearest", **extra})
         ctx = StageContext(data=calibration, report=ctx_report)
         qmodel = get_technique("quantize", "ptq").handler(copy.deepcopy(model), cfg, ctx)
         qpath = export_qdq_onnx(qmodel, example, tmp / f"netpress_w8a8{tag}.onnx")

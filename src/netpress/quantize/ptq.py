@@ -27,6 +27,12 @@ Steps (all scales and zero points are computed here, by netpress's observers):
    :func:`netpress.quantize.qdq_onnx.export_qdq_onnx` writes the QDQ ONNX file that ONNX Runtime
    and OpenVINO run on integer kernels.
 
+Accuracy options (opt-in): ``activations: {search: true}`` picks each layer input's range by
+the layer-output error (:mod:`netpress.quantize.act_search`), ``rounding: adaround`` learns the
+weight rounding (:mod:`netpress.quantize.adaround`), ``bias_correction: true`` corrects biases
+(:mod:`netpress.quantize.bias_correction`); all of them only change the int8 codes, scales and
+biases that the QDQ file carries.
+
 ``ctx.report["ptq"]`` lists quantized layers, layers left in float with the reason, folded BNs,
 fallbacks and the calibration size.
 
@@ -94,6 +100,9 @@ class PTQActivations(BaseModel):
         observer: one of minmax, moving_average, percentile, entropy, mse.
         percentile: for ``observer: percentile``.
         symmetric: int8 symmetric codes for signed tensors (default: uint8 asymmetric).
+        search: output-aware ranges (:mod:`netpress.quantize.act_search`): per layer input,
+            the observer's range or the observed range shrunk by 1.0..0.3, whichever gives the
+            smallest layer-output error on ``search_examples`` calibration examples.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -101,6 +110,8 @@ class PTQActivations(BaseModel):
     observer: ObserverName = "percentile"
     percentile: float = Field(default=99.99, gt=50.0, le=100.0)
     symmetric: bool = False
+    search: bool = False
+    search_examples: int = Field(default=32, ge=1, le=100_000)
 
 
 class PTQAdaRound(BaseModel):
@@ -366,6 +377,37 @@ def per_tensor_collapse(model: nn.Module, bits: int = 8, min_sqnr_db: float = 10
     return out
 
 
+def _search_ranges(model: nn.Module, chosen: dict[str, nn.Module], nodes: dict[str, Any],
+                   out_quant: dict[str, str], observers: dict[str, Any], batches: list[Batch],
+                   a: PTQActivations) -> dict[str, tuple[float, int, bool]]:
+    """``activations.search``: tensor -> the chosen ``(scale, zero_point, signed)``."""
+    if not a.search:
+        return {}
+    from netpress.quantize.act_search import DEFAULT_ALPHAS, search_input_ranges
+    from netpress.quantize.observers import range_to_qparams
+
+    outs = set(out_quant.values())
+    cands: dict[str, list[tuple[float, int]]] = {}
+    signs: dict[str, bool] = {}
+    inputs: dict[str, str] = {}
+    for name in chosen:
+        t = nodes[name].input[0]
+        if t in outs or t in inputs.values():  # an Add-fed output, or a second reader
+            continue
+        obs = observers[t]
+        s0, z0, sg = _act_qparams(obs, a.symmetric)
+        lo, hi = float(obs.lo.min()), float(obs.hi.max())
+        cl = [(s0, z0)]
+        for al in DEFAULT_ALPHAS:
+            sc, zp = range_to_qparams(torch.tensor(lo * al), torch.tensor(hi * al), a.bits,
+                                      a.symmetric and sg, sg)
+            cl.append((float(sc), int(zp)))
+        cands[name], signs[name], inputs[name] = cl, sg, t
+    best = search_input_ranges(model, inputs, cands, _first_inputs(batches, a.search_examples),
+                               a.bits, signs)
+    return {t: (sc, zp, signs[n]) for n, t in inputs.items() for sc, zp in [best[t]]}
+
+
 @register("quantize", "ptq", PTQConfig,
           summary="static W8A8 PTQ: BN folding, calibrated activations, integer QDQ/OpenVINO")
 def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.Module:
@@ -428,6 +470,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
             observers = calibrate_torch(model, {n: nodes[n].input[0] for n in chosen},
                                         out_quant, tensors, batches, a.observer, a.bits,
                                         a.symmetric, a.percentile, config.calibration_examples)
+    override = _search_ranges(model, chosen, nodes, out_quant, observers, batches, a)
     keep_float = config.bias_correction or config.rounding == "adaround"
     float_model = copy.deepcopy(model) if keep_float else None
     fallbacks: dict[str, float] = {}
@@ -441,7 +484,8 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
                 if config.per_tensor_fallback:
                     fallbacks[name] = round(sq, 2)
                     per_channel = True
-        s_in, z_in, signed_in = _act_qparams(observers[node.input[0]], a.symmetric)
+        s_in, z_in, signed_in = override.get(node.input[0]) or _act_qparams(
+            observers[node.input[0]], a.symmetric)
         out_qp, out_signed = None, True
         if name in out_quant:
             s_o, z_o, out_signed = _act_qparams(observers[out_quant[name]], a.symmetric)
@@ -485,7 +529,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
             config.calibration_examples, sum(b.size for b in batches)),
         "bias_correction": {k: round(v, 5) for k, v in shifts.items()},
         "calibration_runtime": config.calibration_runtime, "rounding": config.rounding,
-        "adaround": ada,
+        "adaround": ada, "searched_inputs": len(override),
         "seconds": round(time.perf_counter() - t0, 2),
         "execution": "integer kernels via the QDQ ONNX graph (ONNX Runtime / OpenVINO)",
     }
