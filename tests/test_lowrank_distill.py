@@ -111,3 +111,24 @@ def test_energy_allocation_shares_the_budget_and_one_pass_moments():
     assert sum(r * (32 + 128) for r in ranks.values()) <= budget
     with pytest.raises(RecipeError, match="ratio"):
         parse_config("lowrank", {"method": "svd", "energy": 0.9, "allocation": "energy"})
+
+
+def test_bench_svd_minilm_rows_on_a_tiny_stand_in(monkeypatch):
+    """The bench case end to end (zoo swapped for a tiny BERT; the real run is the bench's job)."""
+    from types import SimpleNamespace
+
+    from netpress import zoo
+    from netpress.bench import ROW_KEYS, distill_svd
+
+    bundle = SimpleNamespace(train=_batches(4, 0), calibration=_batches(2, 1),
+                             evaluation=_batches(2, 2))
+    monkeypatch.setattr(zoo, "load_model", lambda name: _tiny_bert())
+    monkeypatch.setattr(zoo, "load_data", lambda name: bundle)
+    # the artifact manifest rebuilds the real zoo MiniLM; the stand-in is sized by its parameters
+    monkeypatch.setattr(distill_svd, "_artifact_bytes",
+                        lambda model, scratch: 4 * sum(p.numel() for p in model.parameters()))
+    rows = distill_svd.run(quick=True)
+    assert [r["case"] for r in rows] == ["svd_minilm", "svd_minilm"]
+    assert all(k in r for r in rows for k in ROW_KEYS)
+    assert "FFN weights 16384 -> " in rows[0]["notes"] and rows[1]["compress_seconds"] > 0
+    assert 0 < rows[0]["metric"] <= 1 and 0 < rows[1]["metric"] <= 1
