@@ -30,48 +30,80 @@ import torch
 import torch.nn as nn
 
 from netpress.core.config import StageContext, TechniqueConfig, register
-from netpress.quantize.weight_only import GPTQConfig, clipped_qparams, quantize_linears
+from netpress.quantize.sequential import trim_heap
+from netpress.quantize.weight_only import (
+    GPTQConfig,
+    clipped_qparams,
+    lowbit_from_codes,
+    quantize_linears,
+)
 
 
-def hessian(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def hessian(x: torch.Tensor, chunk: int = 256, perm: torch.Tensor | None = None) -> torch.Tensor:
     """``H = 2 XᵀX / N`` of inputs ``x (N, I)`` in float64 -> ``(I, I)``.
 
-    Accumulated over ``chunk`` rows at a time, so the float64 copy of ``x`` is never whole.
+    Accumulated over ``chunk`` rows at a time, so the float64 copy of ``x`` is never whole (256
+    rows: as fast as 1024, a quarter of the buffer). With ``perm`` the columns of ``x`` are taken
+    in that order, i.e. the result is ``H[perm][:, perm]`` without a second ``(I, I)`` buffer.
+
+    Example:
+        >>> x = torch.randn(100, 4)
+        >>> torch.allclose(hessian(x), 2 * x.double().T @ x.double() / 100)
+        True
     """
     h = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
     for i in range(0, x.shape[0], chunk):
-        xd = x[i:i + chunk].to(torch.float64)
+        xd = (x[i:i + chunk] if perm is None else x[i:i + chunk, perm]).to(torch.float64)
         h.addmm_(xd.T, xd)
+        del xd
     return h.mul_(2.0 / max(1, x.shape[0]))
 
 
+def _sq_norms(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``diag(XᵀX)`` in float64 (``(I,)``), chunked like :func:`hessian`."""
+    d = torch.zeros(x.shape[1], dtype=torch.float64)
+    for i in range(0, x.shape[0], chunk):
+        d += x[i:i + chunk].to(torch.float64).square().sum(0)
+    return d
+
+
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of ``h⁻¹`` (float64), overwriting ``h``'s memory where LAPACK allows
-    (scipy ``potrf``/``potri``: one ``(I, I)`` buffer), else through torch."""
+    """Upper Cholesky factor ``U`` of ``h⁻¹`` (``UᵀU = h⁻¹``, float64), in ``h``'s own memory.
+
+    scipy's ``potrf``/``potri``/``potrf`` run in place on the Fortran view of ``h``: for a
+    symmetric matrix that view is the same matrix, every step reads and writes only the lower
+    triangle, and the final lower factor ``L`` (``LLᵀ = h⁻¹``), stored column-major, is
+    ``U = Lᵀ`` read row-major, so no ``(I, I)`` temporary is made (MiniLM's 1536-wide layers: the
+    former symmetrisation and copy took three more 18 MiB buffers). Without scipy, through torch.
+    """
     try:
         from scipy.linalg import lapack
     except ImportError:  # pragma: no cover - scikit-learn brings scipy
         linv = torch.linalg.solve_triangular(torch.linalg.cholesky(h), torch.eye(
             h.shape[0], dtype=h.dtype), upper=False)
         return torch.linalg.cholesky(linv.T @ linv, upper=True)
-    a = h.numpy()  # symmetric: C and Fortran order hold the same matrix
-    c, info = lapack.dpotrf(a.T, lower=False, overwrite_a=True)
+    f = h.numpy().T  # Fortran-ordered view of the same (symmetric) matrix
+    c, info = lapack.dpotrf(f, lower=True, overwrite_a=True, clean=False)
     if info == 0:
-        c, info = lapack.dpotri(c, lower=False, overwrite_c=True)  # upper triangle of h⁻¹
+        c, info = lapack.dpotri(c, lower=True, overwrite_c=True)  # lower triangle of h⁻¹
     if info != 0:
         raise torch.linalg.LinAlgError(f"Hessian not positive definite (LAPACK info {info})")
-    il = np.tril_indices(c.shape[0], -1)
-    c[il] = c.T[il]  # symmetrise
-    c, info = lapack.dpotrf(c, lower=False, overwrite_a=True, clean=True)
+    c, info = lapack.dpotrf(c, lower=True, overwrite_a=True, clean=True)  # upper zeroed
     if info != 0:
         raise torch.linalg.LinAlgError(f"H^-1 not positive definite (LAPACK info {info})")
-    return torch.from_numpy(np.ascontiguousarray(c))
+    if not np.shares_memory(c, f):  # pragma: no cover - LAPACK wrappers copied after all
+        return torch.from_numpy(np.ascontiguousarray(c.T))
+    return h  # its memory now holds U row-major
 
 
 def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
                act_order: bool = True, block_size: int = 128, clip_search: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight ``w (O, I)`` given its inputs ``x (N, I)``.
+
+    Memory: one ``(I, I)`` float64 buffer (the Hessian, built directly in the visiting order and
+    inverted in place) and two ``(I, O)`` float64 copies of the weight (the working copy and the
+    codes), besides ``x`` (MiniLM's widest layer: 18 + 2 x 4.5 MiB).
 
     Args:
         w: the float weight.
@@ -85,55 +117,61 @@ def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dam
     Returns:
         ``(codes (O, I), scales (O, I/g), zeros (O, I/g))``, float32, in the original column order.
     """
-    w = w.detach().to(torch.float64).clone()  # (O, I)
     out_f, in_f = w.shape
-    h = hessian(x)  # (I, I)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     n_groups = in_f // group_size
+    diag = _sq_norms(x)  # diag(H) up to the factor 2/N: its zeros and its order
+    dead = diag == 0
     if act_order:
         # static groups: scales from the (un-updated) weights, so groups stay contiguous
-        s, z = clipped_qparams(w.float().reshape(-1, group_size), bits, clip_search)
+        wd = w.detach().to(torch.float32).masked_fill(dead, 0.0)
+        s, z = clipped_qparams(wd.reshape(-1, group_size), bits, clip_search)
+        del wd
         scales, zeros = s.reshape(out_f, n_groups).double(), z.reshape(out_f, n_groups).double()
-        perm = torch.argsort(torch.diag(h), descending=True)
+        perm = torch.argsort(diag, descending=True)
     else:
         scales = torch.zeros(out_f, n_groups, dtype=torch.float64)
         zeros = torch.zeros_like(scales)
         perm = torch.arange(in_f)
         block_size = max(block_size // group_size, 1) * group_size  # groups inside one block
-    w, h = w[:, perm], h[perm[:, None], perm]
+    del diag
+    trim_heap()  # the scale search's temporaries: the (I, I) buffer comes next
+    h = hessian(x, perm=perm)  # (I, I), rows and columns in visiting order
+    dead = dead[perm]
+    h[dead, dead] = 1.0
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    wt = w.detach().T[perm].to(torch.float64)  # (I, O) working copy, visiting order
+    wt[dead] = 0.0
     hinv = _inverse_cholesky(h)
     del h
-    codes = _sweep(w.numpy(), hinv.numpy(), perm.numpy(), scales.numpy(), zeros.numpy(), bits,
+    trim_heap()
+    codes = _sweep(wt.numpy(), hinv.numpy(), perm.numpy(), scales.numpy(), zeros.numpy(), bits,
                    group_size, block_size, None if act_order else clip_search)
-    codes = torch.from_numpy(codes)
-    inv = torch.argsort(perm)
-    return codes[:, inv].float(), scales.float(), zeros.float()
+    del hinv, wt
+    return torch.from_numpy(codes).T.contiguous(), scales.float(), zeros.float()
 
 
-def _sweep(w: np.ndarray, hinv: np.ndarray, perm: np.ndarray, scales: np.ndarray,
+def _sweep(wt: np.ndarray, hinv: np.ndarray, perm: np.ndarray, scales: np.ndarray,
            zeros: np.ndarray, bits: int, group_size: int, block_size: int,
            dynamic_clip: bool | None) -> np.ndarray:
-    """The GPTQ column sweep on permuted ``w (O, I)`` and upper Cholesky ``hinv (I, I)`` (float64).
+    """The GPTQ column sweep on ``wt (I, O)`` (the transposed weight, rows in visiting order,
+    updated in place) and upper Cholesky ``hinv (I, I)`` (float64, same order).
 
     Runs in numpy: each column is a handful of length-``O`` vector ops, where torch's per-call
-    overhead (tens of µs) dominated (MiniLM: ~20,000 columns). The block is held transposed
-    (``(b, O)``) so every column is a contiguous row and its error update one ``np.outer``.
-    ``dynamic_clip`` is ``None`` for static (precomputed) groups, else whether the group scales
-    computed at each group's first column use the MSE clip search. ``scales`` / ``zeros``
+    overhead (tens of µs) dominated (MiniLM: ~20,000 columns). The weight is held transposed so
+    every column is a contiguous row and its error update one ``np.outer``. ``perm[j]`` is the
+    original index of visited column ``j``; its codes are written to row ``perm[j]`` of the
+    result. ``dynamic_clip`` is ``None`` for static (precomputed) groups, else whether the group
+    scales computed at each group's first column use the MSE clip search. ``scales`` / ``zeros``
     ``(O, G)`` are filled in place in the dynamic case.
 
     Returns:
-        float64 codes ``(O, I)`` in the permuted column order.
+        float32 codes ``(I, O)`` in the original column order (the transposed code matrix).
     """
     from netpress.quantize.weight_only import clipped_qparams
 
     maxq = float((1 << bits) - 1)
-    out_f, in_f = w.shape
-    wt = np.ascontiguousarray(w.T)  # (I, O): row j is column j of w
-    codes = np.empty((in_f, out_f))
+    in_f, out_f = wt.shape
+    codes = np.empty((in_f, out_f), dtype=np.float32)
     st, zt = np.ascontiguousarray(scales.T), np.ascontiguousarray(zeros.T)  # (G, O)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -152,13 +190,13 @@ def _sweep(w: np.ndarray, hinv: np.ndarray, perm: np.ndarray, scales: np.ndarray
             q = np.rint(wcol / s)
             q += z
             np.clip(q, 0.0, maxq, out=q)
-            codes[i1 + i] = q
+            codes[col] = q
             e = (wcol - (q - z) * s) / hinv1[i, i]  # (O,)
             w1[i:] -= np.outer(hinv1[i, i:], e)
             err1[i] = e
         wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # lazy batch update
     scales[...], zeros[...] = st.T, zt.T
-    return np.ascontiguousarray(codes.T)
+    return codes
 
 
 @register("quantize", "gptq", GPTQConfig,
@@ -187,8 +225,6 @@ def quantize_gptq(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
         >>> type(m[0]).__name__
         'LowBitLinear'
     """
-    from netpress.nn.lowbit import LowBitLinear
-
     assert isinstance(config, GPTQConfig)
     bits, group = config.weights.bits, config.weights.group_size
 
@@ -196,7 +232,7 @@ def quantize_gptq(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
         assert x is not None
         codes, scales, zeros = gptq_layer(module.weight, x, bits, group, config.damp,
                                           config.act_order, config.block_size, config.clip_search)
-        return LowBitLinear.from_codes(codes, scales, zeros, bits, module.bias)
+        return lowbit_from_codes(codes, scales, zeros, bits, module.bias)
 
     return quantize_linears(model, config, ctx, layer, needs_data=True)
 

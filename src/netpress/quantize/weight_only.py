@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from netpress.core.config import StageContext, TechniqueConfig, register
@@ -150,6 +151,90 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int, search: bool = True
     return codes, scale.reshape(shape), zero.reshape(shape)
 
 
+def lowbit_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                      bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                      rows: int = 64) -> nn.Module:
+    """:meth:`LowBitLinear.from_codes <netpress.nn.lowbit.LowBitLinear.from_codes>` with the
+    codes packed ``rows`` output rows at a time: the same bytes, without the transient of packing
+    the whole matrix at once (:func:`netpress.quantize.pack.pack` expands every code to
+    ``bits`` int64 bit planes: ~8 x bits bytes per code, 40 MiB for one 1536 x 384 MiniLM layer,
+    which set the peak RSS of MiniLM GPTQ). ``rows`` is a multiple of 8, so every chunk ends on
+    a byte boundary and the chunks concatenate to the packing of the whole matrix.
+
+    Example:
+        >>> import torch
+        >>> codes = torch.randint(0, 16, (100, 64)).float()
+        >>> s, z = torch.rand(100, 2) + 0.1, torch.randint(0, 16, (100, 2)).float()
+        >>> from netpress.nn.lowbit import LowBitLinear
+        >>> ref = LowBitLinear.from_codes(codes, s, z, 4)
+        >>> torch.equal(lowbit_from_codes(codes, s, z, 4).qweight, ref.qweight)
+        True
+    """
+    from netpress.nn.lowbit import LowBitLinear
+    from netpress.quantize.pack import pack
+
+    assert rows > 0 and rows % 8 == 0
+    out_f, in_f = codes.shape
+    q = LowBitLinear(in_f, out_f, bias is not None, bits, in_f // scales.shape[1],
+                     input_scale is not None)
+    with torch.no_grad():
+        q.qweight = torch.cat([pack(codes[i:i + rows].to(torch.uint8), bits)
+                               for i in range(0, out_f, rows)])
+        q.scales = scales.to(torch.float32).contiguous()
+        q.qzeros = pack(zeros.to(torch.uint8), bits)
+        if bias is not None:
+            q.bias = nn.Parameter(bias.detach().to(torch.float32).clone())
+        if input_scale is not None:
+            q.input_scale = input_scale.to(torch.float32).clone()
+    return q
+
+
+def dequantized(q: nn.Module, rows: int = 64) -> torch.Tensor:
+    """The float weight ``(O, I)`` of a ``LowBitLinear``, unpacked ``rows`` output rows at a time.
+
+    Bit-identical to ``q.dequantized_weight()`` (same element-wise ops), without the transient of
+    unpacking the whole matrix at once (int64 bit planes: ~40 MiB for a 1536 x 384 layer) and
+    without touching ``q``'s own float cache.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from netpress.nn.lowbit import LowBitLinear
+        >>> q = LowBitLinear.from_float(nn.Linear(64, 100), bits=3, group_size=32)
+        >>> torch.equal(dequantized(q, rows=8), q.dequantized_weight())
+        True
+    """
+    from netpress.quantize.pack import packed_numel, unpack
+
+    assert rows > 0 and rows % 8 == 0
+    out_f, in_f, g, bits = q.out_features, q.in_features, q.group_size, q.bits
+    zeros = q.zero_codes().to(torch.float32)[..., None]  # (O, G, 1)
+    w = torch.empty(out_f, in_f)
+    for r0 in range(0, out_f, rows):
+        n = min(rows, out_f - r0)
+        start = r0 * in_f * bits // 8  # a byte boundary: r0 is a multiple of 8
+        codes = unpack(q.qweight[start:start + packed_numel(n * in_f, bits)], bits, n * in_f)
+        codes = codes.to(torch.float32).reshape(n, -1, g)
+        w[r0:r0 + n] = ((codes - zeros[r0:r0 + n]) * q.scales[r0:r0 + n, :, None]).reshape(n, in_f)
+    return w
+
+
+class _FloatTwin(nn.Module):
+    """Stand-in for a freshly quantized ``LowBitLinear`` while the sequential stage runs: the same
+    forward on its dequantized weight (:func:`dequantized`), so the later layers' inputs are exactly
+    those of the quantized model, without the layer unpacking its codes (and caching a float copy)
+    inside the stage. :func:`_sequential` puts the real module back once its block is passed."""
+
+    def __init__(self, q: nn.Module) -> None:
+        super().__init__()
+        self.weight = dequantized(q)
+        self.bias, self.input_scale = q.bias, q.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
 def capture_inputs(model: nn.Module, layer: nn.Module, batches: list[Any], name: str,
                    stop: bool = True) -> torch.Tensor:
     """Inputs of ``layer`` on every batch, padding tokens dropped: ``(N, in_features)`` float32.
@@ -175,9 +260,10 @@ LayerFn = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
 
 
 #: calibration batches are run in slices of at most this many examples while capturing inputs
-#: (the activations of one forward, e.g. attention scores, scale with the batch). Measured on
-#: MiniLM GPTQ: slices of 8 took ~2x the CPU of 32 and cut the stage's peak by only ~20 MiB.
-SUB_BATCH = 32
+#: (the activations of one forward, e.g. attention scores, scale with the batch). Measured on one
+#: MiniLM block (1 thread, 100 sentences): slices of 32 left a transient of +36-39 MiB and took
+#: 474 ms per slice; slices of 8 +3-7 MiB and 84 ms per slice (338 ms per 32 examples).
+SUB_BATCH = 8
 
 
 def _split(batches: list[Any], n: int) -> list[Any]:
@@ -206,31 +292,53 @@ def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: 
     Returns:
         How many captures each path took: ``{"block": n, "model": m}``.
     """
-    from netpress.quantize.sequential import BlockCache, capture_runs, model_runs
+    from netpress.nn.lowbit import LowBitLinear
+    from netpress.quantize.sequential import BlockCache, capture_runs, model_runs, trim_heap
 
     batches = _split(batches, SUB_BATCH)
     cache = BlockCache.build(model, batches, [n for n, _ in layers])
     counts = {"block": 0, "model": 0}
+    twins: list[tuple[str, nn.Module]] = []  # quantized layers running as a _FloatTwin for now
+
+    def install(name: str, new: nn.Module) -> None:
+        if isinstance(new, LowBitLinear):
+            twins.append((name, new))
+            new = _FloatTwin(new)
+        _set_submodule(model, name, new)
+        trim_heap()
+
+    def settle(before_block: int | None) -> None:
+        """The real quantized modules back in place of the twins (of blocks < ``before_block``)."""
+        for entry in list(twins):
+            blk = cache.block_of(entry[0]) if cache is not None else None
+            if before_block is None or (blk is not None and blk < before_block):
+                _set_submodule(model, *entry)
+                twins.remove(entry)
+
     pending = layers  # consumed: a float layer is freed once its quantized twin is in the model
-    while pending:
-        name, module = pending.pop(0)
-        blk = cache.block_of(name) if cache is not None else None
-        if cache is not None and blk is not None and blk >= cache.index:
-            cache.advance_to(model, blk)
-            followers = [(n, m) for n, m in pending if cache.block_of(n) == blk]
-            x, shared = capture_runs(cache.runs(), module, followers, name)
-            counts["block"] += 1
-        else:
-            if cache is not None and cache.index >= 0:
-                cache = None  # a layer outside the blocks changed after their inputs were cached
-            x, shared = capture_runs(model_runs(model, batches), module, pending, name)
-            counts["model"] += 1
-        _set_submodule(model, name, layer_fn(name, module, x))
-        del module
-        for other in shared:  # fed the same tensor (e.g. q, k, v): same inputs
-            i = next(i for i, (n, _) in enumerate(pending) if n == other)
-            _set_submodule(model, other, layer_fn(other, pending.pop(i)[1], x))
-        del x
+    try:
+        while pending:
+            name, module = pending.pop(0)
+            blk = cache.block_of(name) if cache is not None else None
+            if cache is not None and blk is not None and blk >= cache.index:
+                cache.advance_to(model, blk)
+                settle(cache.index)
+                followers = [(n, m) for n, m in pending if cache.block_of(n) == blk]
+                x, shared = capture_runs(cache.runs(), module, followers, name)
+                counts["block"] += 1
+            else:
+                if cache is not None and cache.index >= 0:
+                    cache = None  # a layer outside the blocks changed after their inputs were cached
+                x, shared = capture_runs(model_runs(model, batches), module, pending, name)
+                counts["model"] += 1
+            install(name, layer_fn(name, module, x))
+            del module
+            for other in shared:  # fed the same tensor (e.g. q, k, v): same inputs
+                i = next(i for i, (n, _) in enumerate(pending) if n == other)
+                install(other, layer_fn(other, pending.pop(i)[1], x))
+            del x
+    finally:
+        settle(None)
     return counts
 
 
@@ -315,22 +423,20 @@ def quantize_rtn(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -
         >>> ctx.report["rtn"]["quantized"]
         ['0']
     """
-    from netpress.nn.lowbit import LowBitLinear
-
     assert isinstance(config, RTNConfig)
     bits, group = config.weights.bits, config.weights.group_size
 
     def layer(name: str, module: nn.Linear, _x: torch.Tensor | None) -> nn.Module:
         codes, scales, zeros = rtn_codes(module.weight.detach().float(), bits, group,
                                          config.clip_search)
-        return LowBitLinear.from_codes(codes, scales, zeros, bits, module.bias)
+        return lowbit_from_codes(codes, scales, zeros, bits, module.bias)
 
     return quantize_linears(model, config, ctx, layer, needs_data=False)
 
 
 __all__ = ["AWQConfig", "GPTQConfig", "LowBitWeights", "RTNConfig", "capture_inputs",
-           "export_matmul_nbits", "check_layer", "clipped_qparams", "quantize_linears", "quantize_rtn",
-           "rtn_codes"]
+           "export_matmul_nbits", "check_layer", "clipped_qparams", "dequantized", "lowbit_from_codes",
+           "quantize_linears", "quantize_rtn", "rtn_codes"]
 
 
 # ---------------------------------------------------------------------------------------------
