@@ -1,4 +1,6 @@
-"""``netpress bench distill``: KD, feature KD, SVD, Tucker-2, Deep Compression, prune → distill → QAT.
+"""``netpress bench distill``: KD, feature KD, Tucker-2, Deep Compression, prune → distill → QAT.
+
+The MiniLM SVD case (``svd_minilm``) lives in :mod:`netpress.bench.distill_svd`; the suite runs both.
 
 Every number is measured here, on the zoo bundles' held-out ``evaluation`` split; training uses the
 ``train`` split only. The cases run in parallel worker processes of one thread each (tiny models;
@@ -11,9 +13,6 @@ Cases:
     the same with mixup toggled), with Hinton KD (T=4, alpha=0.9; the teacher labels the
     augmented inputs), and with KD + FitNets hints; the same epochs for all; 3 seeds; "gap
     recovered" = (KD - labels) / (teacher - labels), of the means, against the stronger baseline.
-  * ``svd_minilm``: activation-aware (whitened, error-corrected) SVD of every FFN Linear of MiniLM
-    at 50 % of its parameters, statistics from the 100 train sentences, then a short cosine
-    distillation from the original on the same sentences; cosine on the 573 evaluation sentences.
   * ``tucker_<data>``: Tucker-2 of the CNN's k>1 convs + label fine-tuning.
   * ``deep_compression_<model>``: gradual magnitude pruning with KD recovery from the original
     after each step, 5-bit weight sharing, entropy-coded indices; bytes of the artifact's
@@ -203,38 +202,6 @@ def kd_rows(data: str, per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def svd_minilm(quick: bool) -> list[dict[str, Any]]:
-    from netpress import zoo
-
-    model, bundle = zoo.load_model("minilm"), zoo.load_data("sentences")
-    ref = collect_outputs(model, bundle.evaluation)
-    targets = [r"re:.*\.intermediate\.dense", r"re:.*\.layer\.\d+\.output\.dense"]
-    t0 = time.perf_counter()
-    low = _stage("lowrank", copy.deepcopy(model), {"method": "svd", "ratio": 0.5, "targets": targets,
-                                                   "activation_aware": True},
-                 bundle, model, "embedding")
-    before = _acc(low, bundle.evaluation, "cosine", ref)
-    ffn = sum(m.weight.numel() for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and ("intermediate.dense" in n or
-                                               (n.endswith("output.dense") and "attention" not in n)))
-    ffn_low = sum(m.weight.numel() for n, m in low.named_modules()
-                  if isinstance(m, nn.Linear) and ("intermediate.dense" in n or
-                                                   ("output.dense" in n and "attention" not in n)))
-    # short distillation on real sentences (calibration split); cosine on the evaluation split
-    low = _stage("distill", low, {"method": "kd", "data": "calibration", "epochs": 1 if quick else 4,
-                                  "lr": 1e-4, "loss": "cosine"}, bundle, model, "embedding")
-    secs = time.perf_counter() - t0
-    after = _acc(low, bundle.evaluation, "cosine", ref)
-    return [
-        _row("svd_minilm", "netpress", "activation-aware svd ratio 0.5 (FFN), no distillation",
-             "cosine", before,
-             _nbytes(low), None, f"FFN weights {ffn} -> {ffn_low} ({ffn_low / ffn:.0%})"),
-        _row("svd_minilm", "netpress", "activation-aware svd ratio 0.5 (FFN) + cosine distillation",
-             "cosine", after,
-             _nbytes(low), secs, f"model params {count_params(model)} -> {count_params(low)}"),
-    ]
-
-
 def tucker(data: str, quick: bool) -> list[dict[str, Any]]:
     from netpress import zoo
 
@@ -352,9 +319,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     seeds = SEEDS[: 1 if quick else 3]
     with tempfile.TemporaryDirectory(prefix="netpress-bench-distill-") as d:
         scratch = Path(d)
-        tasks: list[tuple[str, tuple[Any, ...]]] = [("svd_minilm", (quick,))]
-        tasks += [("kd_seed", (data, seed, quick, (kind,))) for data in ("digits", "mnist1d")
-                  for seed in seeds for kind in KD_KINDS]
+        tasks: list[tuple[str, tuple[Any, ...]]] = [
+            ("kd_seed", (data, seed, quick, (kind,))) for data in ("digits", "mnist1d")
+            for seed in seeds for kind in KD_KINDS]
         tasks += [("tucker", (data, quick)) for data in ("digits", "mnist1d")]
         tasks += [("deep_compression", (w, quick, scratch)) for w in ("mlp", "cnn")]
         tasks += [("prune_distill_qat", (quick, scratch))]
@@ -379,7 +346,6 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     for w in ("mlp", "cnn"):
         rows += results[f"deep_compression{(w, quick)}"]
     rows += results[f"prune_distill_qat{(quick, scratch)}"]
-    rows += results[f"svd_minilm{(quick,)}"]
     return rows
 
 
