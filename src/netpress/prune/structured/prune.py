@@ -44,6 +44,15 @@ from netpress.core.errors import DataError, ModelError, RecipeError
 from netpress.core.targeting import matches
 from netpress.measure.macs import count_macs, macs_by_layer
 from netpress.measure.metrics import first_tensor
+from netpress.prune.structured.activation import (
+    activation_scores,
+    allocate,
+    bn_scales,
+    compensate_means,
+    following_bn,
+    group_sensitivity,
+    input_moments,
+)
 from netpress.prune.structured.graph import ChannelGraph, ChannelGroup
 from netpress.prune.structured.importance import accumulate_grads, channel_scores
 from netpress.prune.structured.transformer import (
@@ -54,6 +63,8 @@ from netpress.prune.structured.transformer import (
 )
 
 MAX_TRIES = 6
+#: fractions of a group measured by ``budget: sensitivity`` (and the allocation's choices)
+SENS_GRID = (0.0, 0.25, 0.5, 0.75)
 
 
 class StructuredPruneConfig(TechniqueConfig):
@@ -62,7 +73,11 @@ class StructuredPruneConfig(TechniqueConfig):
     Attributes:
         macs_reduction: target ``original MACs / pruned MACs`` (> 1), searched.
         ratio: fraction of every channel group removed, in [0, 1).
-        importance: ``l1``, ``l2``, ``taylor`` (needs data) or ``bn_gamma``.
+        importance: ``l1``, ``l2``, ``taylor`` (needs data), ``bn_gamma`` or ``activation``
+            (output energy fed to the consumers on the data; see :mod:`.activation`).
+        budget: ``uniform`` (every group loses the same fraction) or ``sensitivity`` (per-group
+            fractions from each group's measured loss per MAC saved; see :mod:`.activation`).
+        sensitivity_examples: examples of the first data batch that ``sensitivity`` measures on.
         round_to: kept channels are multiples of this (groups not larger than it are kept).
         max_ratio: at most this fraction of any group is removed.
         targets: layers whose output channels may be pruned (default: every Conv / Linear;
@@ -73,7 +88,9 @@ class StructuredPruneConfig(TechniqueConfig):
     method: Literal["structured"] = "structured"
     macs_reduction: float | None = Field(default=None, gt=1.0, le=1000.0, allow_inf_nan=False)
     ratio: float | None = Field(default=None, ge=0.0, lt=1.0, allow_inf_nan=False)
-    importance: Literal["l1", "l2", "taylor", "bn_gamma"] = "l1"
+    importance: Literal["l1", "l2", "taylor", "bn_gamma", "activation"] = "l1"
+    budget: Literal["uniform", "sensitivity"] = "uniform"
+    sensitivity_examples: int = Field(default=16, ge=1, le=100_000)
     round_to: int = Field(default=16, ge=1, le=4096)
     max_ratio: float = Field(default=0.9, gt=0.0, lt=1.0)
     targets: list[str] | None = None
@@ -121,13 +138,15 @@ def _example(ctx: StageContext) -> Batch:
 
 # ------------------------------------------------------------------------------------ CNNs
 def _predict(groups: list[ChannelGroup], orders: list[torch.Tensor], layer_macs: dict[str, int],
-             modules: dict[str, nn.Module], fraction: float, cfg: StructuredPruneConfig,
-             total: int) -> int:
-    """MACs after removing ``fraction`` of every group (per-layer MACs scale with in/out kept)."""
+             modules: dict[str, nn.Module], fraction: float | list[float],
+             cfg: StructuredPruneConfig, total: int) -> int:
+    """MACs after removing ``fraction`` of every group, or ``fraction[i]`` of group ``i``
+    (per-layer MACs scale with in/out kept)."""
     out_rm: dict[str, int] = {}
     in_rm: dict[str, int] = {}
-    for g, order in zip(groups, orders, strict=True):
-        gone = set(order[: g.size - kept(g.size, fraction, cfg.round_to, cfg.max_ratio)].tolist())
+    fractions = fraction if isinstance(fraction, list) else [fraction] * len(groups)
+    for g, order, f in zip(groups, orders, fractions, strict=True):
+        gone = set(order[: g.size - kept(g.size, f, cfg.round_to, cfg.max_ratio)].tolist())
         if not gone:
             continue
         for name, roots in g.out_layers.items():
@@ -146,17 +165,37 @@ def _predict(groups: list[ChannelGroup], orders: list[torch.Tensor], layer_macs:
     return int(total - saved)
 
 
+def _by_name(model: nn.Module, stats: dict[int, Any]) -> dict[str, Any]:
+    return {n: stats[id(m)] for n, m in model.named_modules() if id(m) in stats}
+
+
+def _by_id(model: nn.Module, stats: dict[str, Any]) -> dict[int, Any]:
+    return {id(m): stats[n] for n, m in model.named_modules() if n in stats}
+
+
 def _prune_cnn(model: nn.Module, cfg: StructuredPruneConfig, example: Batch, ctx: StageContext,
                fraction: float | None, target: int | None, layer_macs: dict[str, int]
-               ) -> tuple[nn.Module, float]:
+               ) -> tuple[nn.Module, float | list[float]]:
     total = sum(layer_macs.values())
     ignore = _pattern_set(model, cfg.ignore, "prune.ignore")
     targets = None if cfg.targets is None else _pattern_set(model, cfg.targets, "prune.targets")
     grads = base = None
     if cfg.importance == "taylor":
         grads = base = accumulate_grads(model, ctx.data or [])
+    aware = cfg.importance == "activation" or cfg.budget == "sensitivity"
+    moments: dict[str, Any] = _by_name(model, input_moments(model, ctx.data or [])) if aware else {}
+    scales = _by_name(model, bn_scales(model)) if aware else {}
+    if cfg.budget == "sensitivity" and target is None:
+        assert fraction is not None
+        target = -1  # set below: the MACs of the uniform ``ratio``
     base_ids = [id(p) for p in model.parameters()]
     pristine = copy.deepcopy(model) if target is not None else None
+    sens: list[list[float]] | None = None
+
+    def removed(g: ChannelGroup, f: float) -> int:
+        return g.size - kept(g.size, f, cfg.round_to, cfg.max_ratio)
+
+    fractions: float | list[float] | None = fraction
     for attempt in range(MAX_TRIES):
         work = model if attempt == 0 else copy.deepcopy(pristine)
         graph = ChannelGraph(work, example, ignore)
@@ -169,10 +208,33 @@ def _prune_cnn(model: nn.Module, cfg: StructuredPruneConfig, example: Batch, ctx
         if base is not None and attempt > 0:  # gradients were keyed by the first copy's params
             grads = {id(p): base[b] for p, b in zip(work.parameters(), base_ids, strict=True)
                      if b in base}
-        orders = [torch.argsort(channel_scores(g, cfg.importance, grads), stable=True)
-                  for g in groups]
-        if target is not None:
-            modules = dict(work.named_modules())
+        m_ids = _by_id(work, moments)
+        if cfg.importance == "activation":
+            scores = [activation_scores(g, m_ids, _by_id(work, scales)) for g in groups]
+        else:
+            scores = [channel_scores(g, cfg.importance, grads) for g in groups]
+        orders = [torch.argsort(s, stable=True) for s in scores]
+        modules = dict(work.named_modules())
+        if target == -1:
+            target = _predict(groups, orders, layer_macs, modules, fraction or 0.0, cfg, total)
+        if target is not None and cfg.budget == "sensitivity":
+            if sens is None:
+                batch = (ctx.data or [example])[0].slice(cfg.sensitivity_examples)
+                sens = group_sensitivity(work, groups, orders, batch, removed, SENS_GRID,
+                                         m_ids)
+            goal = int(target * (1 - 0.01 * attempt))
+            alloc = allocate(
+                SENS_GRID, sens,
+                lambda f, gs=groups, os_=orders, md=modules: _predict(
+                    gs, os_, layer_macs, md, f, cfg, total), goal)
+            if alloc is None:
+                raise RecipeError(
+                    "prune.macs_reduction", got=cfg.macs_reduction,
+                    expected=f"a reduction reachable with at most {max(SENS_GRID):.0%} of every "
+                    "channel group removed (others are ignored or feed the output)",
+                    fix="lower macs_reduction, use budget: uniform, or shrink `ignore`")
+            fractions = alloc
+        elif target is not None:
             lo, hi = 0.0, cfg.max_ratio
             if _predict(groups, orders, layer_macs, modules, hi, cfg, total) > target:
                 raise RecipeError(
@@ -186,14 +248,19 @@ def _prune_cnn(model: nn.Module, cfg: StructuredPruneConfig, example: Batch, ctx
                     hi = mid
                 else:
                     lo = mid
-            fraction = min(cfg.max_ratio, hi + 0.005 * attempt)
-        assert fraction is not None
-        for g, order in zip(groups, orders, strict=True):
-            n_rm = g.size - kept(g.size, fraction, cfg.round_to, cfg.max_ratio)
-            g.remove(order[:n_rm].tolist())
+            fractions = min(cfg.max_ratio, hi + 0.005 * attempt)
+        assert fractions is not None
+        per = fractions if isinstance(fractions, list) else [fractions] * len(groups)
+        norms = following_bn(work)
+        for g, order, f in zip(groups, orders, per, strict=True):
+            gone = order[:removed(g, f)].tolist()
+            if aware:
+                compensate_means(g, gone, m_ids, norms)
+            g.remove(gone)
         if target is None or count_macs(work, example) <= target:
-            return work, fraction
-    return work, fraction
+            return work, fractions
+    assert fractions is not None
+    return work, fractions
 
 
 # ------------------------------------------------------------------------------------ BERT
@@ -209,14 +276,24 @@ def _prune_bert(model: nn.Module, cfg: StructuredPruneConfig, example: Batch, ct
 
     grads = accumulate_grads(model, ctx.data or []) if cfg.importance == "taylor" else None
     if cfg.importance == "bn_gamma":
-        raise RecipeError("prune.importance", got="bn_gamma", expected="l1, l2 or taylor for a "
-                          "BERT encoder (it has no BatchNorm)", fix="use importance: l1")
+        raise RecipeError("prune.importance", got="bn_gamma", expected="l1, l2, taylor or "
+                          "activation for a BERT encoder (it has no BatchNorm)",
+                          fix="use importance: l1")
+    if cfg.budget == "sensitivity":
+        raise RecipeError("prune.budget", got="sensitivity", expected="uniform for a BERT "
+                          "encoder (per-group budgets are for CNN channel groups)",
+                          fix="use budget: uniform")
+    moments = None
+    if cfg.importance == "activation":
+        moments = _by_name(model, input_moments(model, ctx.data or []))
     plan = []
     for b in blocks:
-        heads = torch.argsort(head_scores(model, b, cfg.importance, grads), descending=True,
-                              stable=True) if allowed(b.prefix, b.attention, b.attn_out) else None
-        neurons = torch.argsort(neuron_scores(model, b, cfg.importance, grads), descending=True,
-                                stable=True) if allowed(b.prefix, b.ffn_in, b.ffn_out) else None
+        heads = torch.argsort(head_scores(model, b, cfg.importance, grads, moments),
+                              descending=True, stable=True) \
+            if allowed(b.prefix, b.attention, b.attn_out) else None
+        neurons = torch.argsort(neuron_scores(model, b, cfg.importance, grads, moments),
+                                descending=True, stable=True) \
+            if allowed(b.prefix, b.ffn_in, b.ffn_out) else None
         plan.append((b, heads, neurons))
 
     def apply(m: nn.Module, f: float) -> nn.Module:
@@ -224,7 +301,8 @@ def _prune_bert(model: nn.Module, cfg: StructuredPruneConfig, example: Batch, ct
             kh = b.heads if heads is None else max(1, round(b.heads * (1 - f)))
             kn = b.neurons if neurons is None else kept(b.neurons, f, cfg.round_to, cfg.max_ratio)
             prune_block(m, b, list(range(b.heads)) if heads is None else heads[:kh].tolist(),
-                        list(range(b.neurons)) if neurons is None else neurons[:kn].tolist())
+                        list(range(b.neurons)) if neurons is None else neurons[:kn].tolist(),
+                        moments)
         return m
 
     if target is not None:

@@ -79,12 +79,25 @@ def find_blocks(model: nn.Module) -> list[BertBlock]:
     return out
 
 
+Moments = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer name -> (E[x_c], Var[x_c]) input
+
+
+def _output_variance(lin: nn.Module, var: torch.Tensor) -> torch.Tensor:
+    """``Σ_o W[o, c]² · Var[x_c]`` per input column ``c`` of a Linear."""
+    return lin.weight.detach().float().pow(2).sum(0) * var  # type: ignore[operator]
+
+
 def head_scores(model: nn.Module, block: BertBlock, kind: str,
-                grads: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """Importance of each head ``(heads,)``: q/k/v rows plus output-projection columns."""
+                grads: dict[int, torch.Tensor] | None, moments: Moments | None = None
+                ) -> torch.Tensor:
+    """Importance of each head ``(heads,)``: q/k/v rows plus output-projection columns, or
+    (``activation``) the output variance its context columns feed the output projection."""
     modules = dict(model.named_modules())
     att, out = modules[block.attention], modules[block.attn_out]
     d = block.head_size
+    if kind == "activation" and moments is not None and block.attn_out in moments:
+        v = _output_variance(out, moments[block.attn_out][1])  # (H*d,)
+        return v.reshape(block.heads, d).sum(1).float()
     total = torch.zeros(block.heads, dtype=torch.float64)
     for lin in (att.query, att.key, att.value):
         g = None if grads is None else grads.get(id(lin.weight))
@@ -97,10 +110,14 @@ def head_scores(model: nn.Module, block: BertBlock, kind: str,
 
 
 def neuron_scores(model: nn.Module, block: BertBlock, kind: str,
-                  grads: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    """Importance of each FFN neuron ``(neurons,)``: input-layer rows plus output-layer columns."""
+                  grads: dict[int, torch.Tensor] | None, moments: Moments | None = None
+                  ) -> torch.Tensor:
+    """Importance of each FFN neuron ``(neurons,)``: input-layer rows plus output-layer columns,
+    or (``activation``) the output variance it feeds the output layer."""
     modules = dict(model.named_modules())
     fin, fout = modules[block.ffn_in], modules[block.ffn_out]
+    if kind == "activation" and moments is not None and block.ffn_out in moments:
+        return _output_variance(fout, moments[block.ffn_out][1]).float()
     s_in = weight_score(fin.weight.detach(), None if grads is None else
                         grads.get(id(fin.weight)), kind).sum(1)  # (N,)
     s_out = weight_score(fout.weight.detach(), None if grads is None else
@@ -113,12 +130,19 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _keep_cols(lin: nn.Linear, cols: torch.Tensor) -> nn.Linear:
+def _keep_cols(lin: nn.Linear, cols: torch.Tensor, mean: torch.Tensor | None = None
+               ) -> nn.Linear:
+    """``lin`` with input columns ``cols``; with the input ``mean``, the removed columns' mean
+    contribution moves into the bias."""
     new = nn.Linear(len(cols), lin.out_features, bias=lin.bias is not None)
     with torch.no_grad():
         new.weight.copy_(lin.weight[:, cols])  # (out, kept)
         if lin.bias is not None:
             new.bias.copy_(lin.bias)
+            if mean is not None:
+                gone = torch.ones(lin.in_features, dtype=torch.bool)
+                gone[cols] = False
+                new.bias.add_(lin.weight[:, gone].float() @ mean[gone].float())
     return new.train(lin.training)
 
 
@@ -132,19 +156,26 @@ def _keep_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
 
 
 def prune_block(model: nn.Module, block: BertBlock, keep_heads: list[int],
-                keep_neurons: list[int]) -> None:
-    """Keep only ``keep_heads`` and ``keep_neurons`` of ``block`` (in place)."""
+                keep_neurons: list[int], moments: Moments | None = None) -> None:
+    """Keep only ``keep_heads`` and ``keep_neurons`` of ``block`` (in place); with ``moments``
+    (input means of the output projections) the removed parts' mean output goes to the biases."""
     modules = dict(model.named_modules())
+    moments = moments or {}
+
+    def mean(name: str) -> torch.Tensor | None:
+        return moments[name][0] if name in moments else None
+
     if len(keep_heads) < block.heads:
         d = block.head_size
         cols = torch.cat([torch.arange(h * d, (h + 1) * d) for h in sorted(keep_heads)])
         _set(model, block.attention,
              PrunedBertSelfAttention.from_attention(modules[block.attention], keep_heads))
-        _set(model, block.attn_out, _keep_cols(modules[block.attn_out], cols))
+        _set(model, block.attn_out, _keep_cols(modules[block.attn_out], cols,
+                                                   mean(block.attn_out)))
     if len(keep_neurons) < block.neurons:
         idx = torch.as_tensor(sorted(keep_neurons), dtype=torch.long)
         _set(model, block.ffn_in, _keep_rows(modules[block.ffn_in], idx))
-        _set(model, block.ffn_out, _keep_cols(modules[block.ffn_out], idx))
+        _set(model, block.ffn_out, _keep_cols(modules[block.ffn_out], idx, mean(block.ffn_out)))
 
 
 __all__ = ["BertBlock", "find_blocks", "head_scores", "neuron_scores", "prune_block"]
