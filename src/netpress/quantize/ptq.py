@@ -161,6 +161,9 @@ class PTQConfig(TechniqueConfig):
             weight code that minimises the layer's output reconstruction error on calibration
             inputs (:mod:`netpress.quantize.adaround`; options in ``adaround``). Runs before
             ``bias_correction``; its seconds are in the report (``adaround.seconds``).
+            MobileNetV2, 400 held-out photo crops, torch integer simulation, 128 AdaRound
+            examples: top-1 agreement 0.8375 -> 0.870 (confident crops 0.970 -> 0.975),
+            0.8725 with ``bias_correction`` too; the target 0.93 is not reached.
     """
 
     method: Literal["ptq"] = "ptq"
