@@ -122,6 +122,7 @@ def _kd_classifier(student: nn.Module, teacher: nn.Module, batches: list[Batch],
 
     t0 = time.perf_counter()
     views = crop_views(batches, rounds, res)
+    teacher = copy.deepcopy(teacher)  # distill freezes its teacher; the anchor prunes the original
     distill(student, teacher, views, {"method": "kd", "alpha": 1.0, "temperature": 2.0,
                                       "lr": lr, "epochs": 1, "keep_sparsity": False})
     recalibrate_bn(student, batches)  # trained on smaller views: statistics at full size
