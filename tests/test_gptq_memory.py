@@ -37,8 +37,9 @@ def test_chunked_packing_gives_the_bytes_of_from_codes(bits: int, shape: tuple[i
 
 def test_packing_and_unpacking_run_on_row_chunks(monkeypatch) -> None:
     seen: list[int] = []
-    real_pack, real_unpack = pack_mod.pack, pack_mod.unpack
-    monkeypatch.setattr(pack_mod, "pack", lambda c, b: seen.append(c.numel()) or real_pack(c, b))
+    real_pack, real_unpack = pack_mod._pack_bits, pack_mod.unpack
+    monkeypatch.setattr(pack_mod, "_pack_bits",
+                        lambda c, b: seen.append(c.numel()) or real_pack(c, b))
     monkeypatch.setattr(pack_mod, "unpack",
                         lambda p, b, n: seen.append(n) or real_unpack(p, b, n))
     codes = torch.randint(0, 16, (1000, 256)).float()

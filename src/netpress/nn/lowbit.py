@@ -111,8 +111,11 @@ class LowBitLinear(nn.Module):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                    bias: torch.Tensor | None = None,
-                   input_scale: torch.Tensor | None = None) -> LowBitLinear:
+                   input_scale: torch.Tensor | None = None, rows: int = 64) -> LowBitLinear:
         """Build from unsigned codes ``(O, I)``, scales and zero codes ``(O, I / g)``.
+
+        The codes are packed ``rows`` output rows at a time (a multiple of 8), which bounds the
+        packing transient without changing the bytes.
 
         Example:
             >>> import torch
@@ -124,7 +127,7 @@ class LowBitLinear(nn.Module):
         group = in_f // scales.shape[1]
         q = cls(in_f, out_f, bias is not None, bits, group, input_scale is not None)
         with torch.no_grad():
-            q.qweight = pack(codes.to(torch.uint8), bits)
+            q.qweight = pack(codes.to(torch.uint8), bits, chunk=rows * in_f)
             q.scales = scales.to(torch.float32).contiguous()
             q.qzeros = pack(zeros.to(torch.uint8), bits)
             if bias is not None:

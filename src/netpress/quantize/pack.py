@@ -25,8 +25,12 @@ def packed_numel(numel: int, bits: int) -> int:
     return (numel * bits + 7) // 8
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def pack(codes: torch.Tensor, bits: int, chunk: int = 1 << 16) -> torch.Tensor:
     """Pack unsigned integer ``codes`` (any shape, values < 2**bits) into a flat uint8 tensor.
+
+    Codes are packed ``chunk`` at a time (a multiple of 8, so every chunk ends on a byte
+    boundary): the bit planes cost ~8 x bits bytes per code, so packing a whole matrix at once
+    would be a transient of tens of MiB for one MiniLM layer.
 
     Raises:
         ValueError: ``bits`` outside 1..8 or a code out of range (an internal error: callers
@@ -39,6 +43,13 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8)
+    assert chunk > 0 and chunk % 8 == 0, "chunk must be a positive multiple of 8"
+    if flat.numel() <= chunk:
+        return _pack_bits(flat, bits)
+    return torch.cat([_pack_bits(flat[i:i + chunk], bits) for i in range(0, flat.numel(), chunk)])
+
+
+def _pack_bits(flat: torch.Tensor, bits: int) -> torch.Tensor:
     # bit planes: (N, bits) little-endian bits of every code, then 8 bits -> 1 byte
     shifts = torch.arange(bits, dtype=torch.int64)
     bitplanes = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)  # (N*bits,)

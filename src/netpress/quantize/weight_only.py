@@ -154,39 +154,23 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int, search: bool = True
 def lowbit_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
                       rows: int = 64) -> nn.Module:
-    """:meth:`LowBitLinear.from_codes <netpress.nn.lowbit.LowBitLinear.from_codes>` with the
-    codes packed ``rows`` output rows at a time: the same bytes, without the transient of packing
-    the whole matrix at once (:func:`netpress.quantize.pack.pack` expands every code to
-    ``bits`` int64 bit planes: ~8 x bits bytes per code, 40 MiB for one 1536 x 384 MiniLM layer,
-    which set the peak RSS of MiniLM GPTQ). ``rows`` is a multiple of 8, so every chunk ends on
-    a byte boundary and the chunks concatenate to the packing of the whole matrix.
+    """:meth:`LowBitLinear.from_codes <netpress.nn.lowbit.LowBitLinear.from_codes>`, the codes
+    packed ``rows`` output rows at a time: the same bytes, without the transient of packing the
+    whole matrix at once (it set the peak RSS of MiniLM GPTQ).
 
     Example:
         >>> import torch
         >>> codes = torch.randint(0, 16, (100, 64)).float()
         >>> s, z = torch.rand(100, 2) + 0.1, torch.randint(0, 16, (100, 2)).float()
         >>> from netpress.nn.lowbit import LowBitLinear
-        >>> ref = LowBitLinear.from_codes(codes, s, z, 4)
+        >>> ref = LowBitLinear.from_codes(codes, s, z, 4, rows=100)
         >>> torch.equal(lowbit_from_codes(codes, s, z, 4).qweight, ref.qweight)
         True
     """
     from netpress.nn.lowbit import LowBitLinear
-    from netpress.quantize.pack import pack
 
     assert rows > 0 and rows % 8 == 0
-    out_f, in_f = codes.shape
-    q = LowBitLinear(in_f, out_f, bias is not None, bits, in_f // scales.shape[1],
-                     input_scale is not None)
-    with torch.no_grad():
-        q.qweight = torch.cat([pack(codes[i:i + rows].to(torch.uint8), bits)
-                               for i in range(0, out_f, rows)])
-        q.scales = scales.to(torch.float32).contiguous()
-        q.qzeros = pack(zeros.to(torch.uint8), bits)
-        if bias is not None:
-            q.bias = nn.Parameter(bias.detach().to(torch.float32).clone())
-        if input_scale is not None:
-            q.input_scale = input_scale.to(torch.float32).clone()
-    return q
+    return LowBitLinear.from_codes(codes, scales, zeros, bits, bias, input_scale, rows=rows)
 
 
 def dequantized(q: nn.Module, rows: int = 64) -> torch.Tensor:
