@@ -43,3 +43,17 @@ def _private_cache(tmp_path_factory):
     if "NETPRESS_CACHE" not in os.environ:
         os.environ["NETPRESS_CACHE"] = str(tmp_path_factory.mktemp("netpress-cache"))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (training tests: steadier and kinder to a shared box).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

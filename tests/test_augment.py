@@ -11,13 +11,7 @@ from netpress.core.data import Batch
 from netpress.core.errors import DataError
 from netpress.distill import AugmentConfig, augment_batch, augmented_ce, distill, mixed_ce
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shift_rolls_and_mixup_mixes_labels():

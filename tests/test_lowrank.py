@@ -11,13 +11,7 @@ from netpress.core.errors import RecipeError
 from netpress.export.artifact import load, save_artifact
 from netpress.lowrank import decompose_conv, factorize_linear, tucker2
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lowrank_linear(o=48, i=32, r=6, seed=0):

@@ -15,12 +15,7 @@ from netpress.lowrank.hidden_kd import default_blocks
 FFN = [r"re:.*\.intermediate\.dense", r"re:.*\.layer\.\d+\.output\.dense"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_bert(seed: int = 0) -> nn.Module:

@@ -11,13 +11,7 @@ from netpress.core.errors import RecipeError
 from netpress.prune.owl import block_of, outlier_ratio, owl_sparsities
 from netpress.prune.scores import row_masks
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Blocks(nn.Module):

@@ -19,14 +19,7 @@ from netpress.prune.magnitude import prune_magnitude
 from netpress.prune.schedule import cubic_sparsity, event_steps
 from netpress.zoo.trained import digits_cnn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two spin against each other on a busy 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -13,13 +13,7 @@ from netpress.core.data import Batch
 from netpress.core.errors import RecipeError
 from netpress.prune.sparsegpt import layer_hessian, sparsegpt_prune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

@@ -11,14 +11,7 @@ from netpress.core.data import Batch
 from netpress.prune.nm import is_nm
 from netpress.prune.sparsegpt import sparsegpt_prune
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two spin against each other on a busy 2-core CI box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
