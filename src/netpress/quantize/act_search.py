@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netpress.nn.ptq import _act_range, fake_quant
+from netpress.quantize.bias_correction import forward_with_hooks
 
 DEFAULT_ALPHAS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
@@ -73,13 +74,7 @@ def search_input_ranges(model: nn.Module, inputs: dict[str, str],
                 xq = fake_quant(xin, torch.tensor(float(s)), torch.tensor(int(z)), lo, hi)
                 errs[name][i] += float(((_apply(m, xq) - y) ** 2).sum())
         hooks.append(mods[name].register_forward_hook(hook))
-    try:
-        model.eval()
-        for i in range(0, len(x), chunk):
-            model(x[i:i + chunk])
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, x, chunk, hooks)
     best: dict[str, tuple[float, int]] = {}
     for name, c in candidates.items():
         t = inputs[name]

@@ -61,6 +61,13 @@ def float_output_means(model: nn.Module, names: Iterable[str], x: torch.Tensor,
                 s = _channel_mean(y.float()) * (y.shape[0] / len(x))
                 sums[name] = sums[name] + s if name in sums else s
             hooks.append(m.register_forward_hook(hook))
+    forward_with_hooks(model, x, chunk, hooks)
+    return sums
+
+
+def forward_with_hooks(model: nn.Module, x: torch.Tensor, chunk: int, hooks: list) -> None:
+    """Run ``model`` (eval mode) over ``x`` in chunks of ``chunk``; remove ``hooks`` afterwards,
+    whatever happens (the hooks are what collects the statistics)."""
     try:
         model.eval()
         for i in range(0, len(x), chunk):
@@ -68,7 +75,6 @@ def float_output_means(model: nn.Module, names: Iterable[str], x: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
-    return sums
 
 
 @torch.no_grad()
@@ -138,4 +144,4 @@ def bias_correct(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
     return shifts
 
 
-__all__ = ["bias_correct", "float_output_means"]
+__all__ = ["bias_correct", "float_output_means", "forward_with_hooks"]
