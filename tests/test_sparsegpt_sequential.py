@@ -1,4 +1,5 @@
-"""SparseGPT / Wanda sequential paths: block-cached inputs, dense target, LayerNorm refit, OBS update."""
+"""SparseGPT / Wanda sequential paths: block-cached inputs, dense target, LayerNorm refit, OBS update,
+exact refit of the kept weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 from netpress.api import prune as apply_prune
 from netpress.core.data import Batch
 from netpress.core.errors import RecipeError
-from netpress.prune.sparsegpt import layer_hessian, sparsegpt_prune
+from netpress.prune.sparsegpt import layer_hessian, refit_kept, sparsegpt_prune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -103,3 +104,52 @@ def test_wanda_obs_update_keeps_the_wanda_mask_and_lowers_the_error() -> None:
         if isinstance(m, nn.Linear):  # every row exactly half, as Wanda
             assert ((m.weight == 0).sum(1) == m.weight.shape[1] // 2).all()
     assert _err(obs, net, held) < _err(seq, net, held)
+
+
+
+def _layer(cols: int = 48, rows: int = 20, n: int = 600, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.3
+    X[:, :3] *= 15.0  # outlier features
+    return X, torch.randn(rows, cols, generator=g)
+
+
+def _rel(X: torch.Tensor, W: torch.Tensor, Q: torch.Tensor) -> float:
+    return float((X @ (W - Q).T).square().sum() / (X @ W.T).square().sum())
+
+
+def test_refit_matches_per_row_least_squares_on_an_uneven_mask() -> None:
+    X, W = _layer()
+    H = 2 / X.shape[0] * X.T @ X
+    g = torch.Generator().manual_seed(1)
+    pruned = torch.rand(W.shape, generator=g) < torch.linspace(0.2, 0.8, W.shape[0]).unsqueeze(1)
+    Q = refit_kept(W, H, pruned, damp=1e-8, chunk=7)  # chunks that split the rows unevenly
+    assert torch.equal(Q == 0, pruned)
+    for r in range(W.shape[0]):
+        kept = ~pruned[r]
+        ls = torch.linalg.lstsq(X[:, kept].double(), (X @ W[r]).double()).solution
+        assert torch.allclose(Q[r, kept].double(), ls, atol=2e-3, rtol=1e-3), r
+
+
+@pytest.mark.parametrize("pattern", [{"sparsity": 0.5}, {"nm": (2, 4)}])
+def test_refit_lowers_the_sweep_error_for_the_same_mask(pattern) -> None:
+    X, W = _layer()
+    H = 2 / X.shape[0] * X.T @ X
+    Q, _ = sparsegpt_prune(W, H, **pattern)
+    R = refit_kept(W, H, Q == 0, damp=0.01)
+    assert torch.equal(Q == 0, R == 0)
+    assert _rel(X, W, R) < 0.9 * _rel(X, W, Q), (_rel(X, W, R), _rel(X, W, Q))
+
+
+def test_exact_refit_in_the_model_lowers_the_held_out_error() -> None:
+    torch.manual_seed(0)
+    net, data, held = Net(), _data(), _data(seed=1)
+    errs = {}
+    for key, extra in (("sweep", {}), ("exact", {"exact_refit": True})):
+        pruned = apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.5,
+                                                  "target": "dense", **extra}, data=data)
+        for name, m in pruned.named_modules():
+            if isinstance(m, nn.Linear):
+                assert int((m.weight == 0).sum()) == m.weight.numel() // 2, name
+        errs[key] = _err(pruned, net, held)
+    assert errs["exact"] < errs["sweep"], errs

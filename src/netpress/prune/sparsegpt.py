@@ -67,6 +67,9 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
             pushed block by block alongside; :func:`dense_target`), at one more model in memory.
         refit_norms: with ``target: dense``, refit each LayerNorm that follows a pruned layer
             (before the next one is pruned) to the dense model's outputs (:func:`refit_norm`).
+        exact_refit: after the sweep has chosen the mask, re-solve each row's kept weights
+            exactly (:func:`refit_kept`; least squares on the calibration inputs, to the same
+            target) instead of keeping the sweep's one-directional updates.
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform), see
             :mod:`netpress.prune.owl`.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -79,6 +82,7 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
     bias_correction: bool = False
     target: Literal["weights", "dense"] = "weights"
     refit_norms: bool = False
+    exact_refit: bool = False
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
 
@@ -266,6 +270,68 @@ def sparsegpt_prune(
     return W.masked_fill(W == 0, 0.0), float(loss.sum())
 
 
+def refit_kept(goal: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, damp: float,
+               chunk: int = 16) -> torch.Tensor:
+    """Re-solve each row's kept weights exactly for a fixed mask (least squares with ``H``).
+
+    Row ``r`` minimises ``(q - g_r)ᵀ Ĥ (q - g_r)`` with ``q_j = 0`` where ``pruned[r, j]``
+    (``Ĥ = H + λ·mean(diag H)·I``, ``g = goal``): ``q_S = Ĥ_SS⁻¹ (Ĥ g_r)_S`` on the kept set ``S``.
+    SparseGPT's sweep only updates the columns *after* each pruned one (earlier ones are frozen),
+    so for the same mask this is never worse on the calibration objective. Rows are solved in
+    chunks on the kept columns only (``O(rows·k³)`` with ``k`` kept per row; float32 Cholesky of
+    the damped ``Ĥ_SS``, right-hand sides formed in float64).
+
+    Args:
+        goal: ``(rows, cols)`` dense weights to fit (the layer's own, or :func:`dense_target`).
+        hessian: ``(cols, cols)`` ``2/N·XᵀX`` of the layer's inputs.
+        pruned: bool ``(rows, cols)``, True = pruned (stays exactly zero).
+        damp: dampening fraction of ``mean(diag H)``.
+        chunk: rows solved at once (memory ``chunk·k²`` floats).
+
+    Returns:
+        ``(rows, cols)`` float32 weights, exact zeros where ``pruned``.
+
+    Example:
+        >>> X = torch.randn(300, 6); W = torch.randn(2, 6)
+        >>> mask = torch.tensor([[True, False] * 3] * 2)
+        >>> Q = refit_kept(W, 2 / 300 * X.T @ X, mask, 1e-9)
+        >>> ls = torch.linalg.lstsq(X[:, 1::2], X @ W.T).solution.T  # the kept columns only
+        >>> bool(torch.allclose(Q[:, 1::2], ls, atol=1e-4)), bool((Q[:, ::2] == 0).all())
+        (True, True)
+    """
+    Hd = hessian.to(torch.float64).clone()
+    cols = Hd.shape[0]
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd.diagonal().add_(damp * float(torch.diag(Hd).mean()))
+    G = goal.to(torch.float64)
+    B = (G @ Hd).to(torch.float32)  # (rows, cols): Ĥ g_r per row
+    H32 = Hd.to(torch.float32)
+    keep = ~pruned.bool() & ~dead.unsqueeze(0)
+    out = torch.zeros(G.shape, dtype=torch.float32)
+    for r0 in range(0, G.shape[0], chunk):
+        kp = keep[r0:r0 + chunk]  # (c, cols)
+        counts = kp.sum(1)  # (c,)
+        k = int(counts.max())
+        if k == 0:
+            continue
+        idx = torch.argsort((~kp).to(torch.int8), dim=1, stable=True)[:, :k]  # kept first
+        valid = torch.arange(k).unsqueeze(0) < counts.unsqueeze(1)  # (c, k)
+        sub = H32[idx.unsqueeze(2), idx.unsqueeze(1)]  # (c, k, k)
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        eye = torch.eye(k).expand_as(sub)
+        sub = torch.where(both, sub, eye)  # padding: identity rows/cols, zero right-hand side
+        rhs = torch.where(valid, B[r0:r0 + chunk].gather(1, idx), 0.0)  # (c, k)
+        L, info = torch.linalg.cholesky_ex(sub)
+        if bool((info != 0).any()):
+            sol = torch.linalg.solve(sub, rhs)
+        else:
+            sol = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
+        out[r0:r0 + chunk].scatter_(1, idx, torch.where(valid, sol, 0.0))
+    assert out.shape[1] == cols
+    return out.masked_fill(~keep, 0.0)
+
+
 def _upper_chol_inverse(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of ``H⁻¹``, adding more damping if ``H`` is not positive definite."""
     eye = torch.eye(H.shape[0])
@@ -392,6 +458,8 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
         goal = dense_target(dense, H, st["G"], config.damp) if "G" in st else dense
         W, err = sparsegpt_prune(goal, H, None if config.nm else spars[name],
                                  config.nm, config.blocksize, config.damp)
+        if config.exact_refit:
+            W = refit_kept(goal, H, W == 0, config.damp)
         with torch.no_grad():
             w.copy_(W.reshape(w.shape).to(w.dtype))
             bias = getattr(module, "bias", None)
@@ -416,4 +484,5 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     return model
 
 
-__all__ = ["SparseGPTPruneConfig", "layer_hessian", "prune_sparsegpt", "sparsegpt_prune"]
+__all__ = ["SparseGPTPruneConfig", "layer_hessian", "prune_sparsegpt", "refit_kept",
+           "sparsegpt_prune"]
