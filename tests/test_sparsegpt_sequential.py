@@ -153,3 +153,37 @@ def test_exact_refit_in_the_model_lowers_the_held_out_error() -> None:
                 assert int((m.weight == 0).sum()) == m.weight.numel() // 2, name
         errs[key] = _err(pruned, net, held)
     assert errs["exact"] < errs["sweep"], errs
+
+
+def test_wanda_mask_option_keeps_wandas_row_counts_and_beats_plain_wanda() -> None:
+    torch.manual_seed(0)
+    net, data, held = Net(), _data(), _data(seed=1)
+    plain = apply_prune(copy.deepcopy(net), {"method": "wanda", "sparsity": 0.5,
+                                             "sequential": True}, data=data)
+    wm = apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.5, "mask": "wanda",
+                                          "exact_refit": True}, data=data)
+    # the first layer sees the same inputs in both: the same mask (Wanda's, per row)
+    assert torch.equal(plain.inp.weight == 0, wm.inp.weight == 0)
+    for m in wm.modules():
+        if isinstance(m, nn.Linear):
+            assert ((m.weight == 0).sum(1) == m.weight.shape[1] // 2).all()
+    assert _err(wm, net, held) < _err(plain, net, held)
+
+
+def test_type_sparsity_sets_the_fraction_per_layer_type_and_reports_it() -> None:
+    from netpress.core.config import StageContext, get_technique, parse_config
+
+    net, data = Net(), _data()
+    conf = parse_config("prune", {"method": "sparsegpt", "sparsity": 0.5,
+                                  "type_sparsity": {"blocks.*.fc1": 0.25, "*.fc2": 0.75}})
+    ctx = StageContext(data=data, original=net)
+    pruned = get_technique("prune", "sparsegpt").handler(copy.deepcopy(net), conf, ctx)
+    rep = ctx.report["sparsegpt"]
+    assert rep["layer_sparsity"]["blocks.1.fc1"] == 0.25 and rep["layer_sparsity"]["inp"] == 0.5
+    assert float((pruned.blocks[1].fc2.weight == 0).float().mean()) == 0.75
+    # fc1 (2d x d) and fc2 (d x 2d) have the same size: the overall fraction stays 0.5
+    assert abs(rep["sparsity"] - 0.5) < 0.01, rep["sparsity"]
+    for bad in ({"type_sparsity": {"*.fc1": 1.0}}, {"sparsity": "2:4", "type_sparsity": {"x": 0.5}}):
+        with pytest.raises(RecipeError):
+            apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.5, **bad},
+                        data=data)

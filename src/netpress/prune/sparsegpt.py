@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
+from fnmatch import fnmatch
 from typing import Literal
 
 import torch
@@ -45,7 +46,9 @@ from netpress.prune.options import NMFields
 from netpress.prune.owl import OWLFields, layer_sparsities
 from netpress.prune.scores import (
     calibration_data,
+    masks_from_scores,
     prunable,
+    row_masks,
     run_inputs,
     sequential_runs,
     summary,
@@ -70,6 +73,12 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
         exact_refit: after the sweep has chosen the mask, re-solve each row's kept weights
             exactly (:func:`refit_kept`; least squares on the calibration inputs, to the same
             target) instead of keeping the sweep's one-directional updates.
+        mask: ``obs`` (SparseGPT's adaptive ``w²/[H⁻¹]_jj²`` per block) or ``wanda``: each row
+            keeps its highest ``|w|·‖x_j‖`` (Wanda's score, on the weights being fitted and the
+            inputs through the pruned model); the kept weights are then updated all the same.
+        type_sparsity: ``{name pattern: fraction}`` (fnmatch on layer names, first match wins)
+            overriding ``sparsity`` per layer type, e.g. ``{"*.query": 0.6}``; the report's
+            ``sparsity`` says the overall fraction that results.
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform), see
             :mod:`netpress.prune.owl`.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -83,6 +92,8 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
     target: Literal["weights", "dense"] = "weights"
     refit_norms: bool = False
     exact_refit: bool = False
+    mask: Literal["obs", "wanda"] = "obs"
+    type_sparsity: dict[str, float] = Field(default_factory=dict)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
 
@@ -96,6 +107,11 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
         if self.refit_norms and self.target != "dense":
             raise ValueError("refit_norms fits the dense model's LayerNorm outputs; "
                              "it needs target: dense")
+        if self.type_sparsity and (self.nm is not None or self.owl_lambda):
+            raise ValueError("type_sparsity needs a fractional sparsity and owl_lambda: 0")
+        bad = {k: v for k, v in self.type_sparsity.items() if not 0.0 <= v < 1.0}
+        if bad:
+            raise ValueError(f"type_sparsity fractions must be in [0, 1), got {bad}")
         if self.owl_lambda and self.nm is not None:
             raise ValueError("owl_lambda needs a fractional sparsity (N:M fixes the per-layer "
                              "fraction); set owl_lambda: 0")
@@ -439,6 +455,9 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     start = time.perf_counter()
     spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
                              config.owl_lambda, config.owl_m)
+    for name in spars:  # per-type fractions: the first matching pattern wins
+        hit = next((f for pat, f in config.type_sparsity.items() if fnmatch(name, pat)), None)
+        spars[name] = spars[name] if hit is None else hit
     corrections = {}
     steps = sequential_runs(model, modules, batches)
     dense_steps = None
@@ -456,8 +475,14 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
         w = module.weight
         dense = w.detach().reshape(w.shape[0], -1).to(torch.float32)  # (rows, cols)
         goal = dense_target(dense, H, st["G"], config.damp) if "G" in st else dense
+        pmask = None
+        if config.mask == "wanda":  # Wanda's score |w|·‖x_j‖ per row (or N:M group)
+            score = goal.abs() * (torch.diag(H).clamp_min(0) * (int(st["n"]) / 2)).sqrt()
+            keep = masks_from_scores([(name, score)], None, "layer", config.nm)[0] \
+                if config.nm else row_masks(score, spars[name])
+            pmask = ~keep
         W, err = sparsegpt_prune(goal, H, None if config.nm else spars[name],
-                                 config.nm, config.blocksize, config.damp)
+                                 config.nm, config.blocksize, config.damp, prune_mask=pmask)
         if config.exact_refit:
             W = refit_kept(goal, H, W == 0, config.damp)
         with torch.no_grad():
@@ -476,7 +501,9 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     del dense_steps
     ctx.report["sparsegpt"] = summary(layers, reconstruction_loss=losses,
                                       seconds=time.perf_counter() - start,
-                                      layer_sparsity=spars if config.owl_lambda else None,
+                                      layer_sparsity=spars if config.owl_lambda
+                                      or config.type_sparsity else None,
+                                      mask=config.mask,
                                       nm=f"{config.n}:{config.m}" if config.nm else None,
                                       batches=len(batches),
                                       bias_shift=corrections or None,
