@@ -21,6 +21,7 @@ class KeepSparsity:
 
     Records which entries of every ``weight`` of Linear/Conv layers are exactly zero when built
     (only for tensors with at least ``min_sparsity`` zeros) and re-zeros them after every step.
+    The masks follow their weights to whatever device the loop trains on.
 
     Args:
         model: the pruned model.
@@ -38,7 +39,10 @@ class KeepSparsity:
 
     def apply(self) -> None:
         with torch.no_grad():
-            for w, keep in self.masks:
+            for i, (w, keep) in enumerate(self.masks):
+                if keep.device != w.device:  # the loop moved the model (TrainConfig.device)
+                    keep = keep.to(w.device)
+                    self.masks[i] = (w, keep)
                 w.mul_(keep)
 
     def on_step_end(self, step: int, model: nn.Module, loss: float) -> None:

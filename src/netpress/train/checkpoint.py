@@ -5,6 +5,10 @@ A checkpoint is one file ``<dir>/checkpoint.pt`` written by rank 0 (temporary fi
 one, never a torn file. It holds only tensors and plain values and is read back with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
+Checkpoints are device-free: every tensor is copied to the CPU when written and read back on the
+CPU, so a run checkpointed on a GPU resumes on a CPU-only machine and vice versa (the loop moves
+the state to its device; ``Optimizer.load_state_dict`` casts to the parameters' device).
+
 Example:
     >>> import shutil, tempfile, torch
     >>> from netpress.train.checkpoint import read_checkpoint, write_checkpoint
@@ -18,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,38 @@ from netpress.core.errors import ArtifactError
 FILE = "checkpoint.pt"
 
 
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts / lists / tuples) on the CPU.
+
+    CPU tensors are returned as they are (no copy).
+
+    Example:
+        >>> import torch
+        >>> from netpress.train.checkpoint import to_cpu
+        >>> to_cpu({"a": [torch.ones(1)], "b": 2})["a"][0].device
+        device(type='cpu')
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu() if value.device.type != "cpu" else value
+    if isinstance(value, dict):
+        out = {k: to_cpu(v) for k, v in value.items()}
+        if isinstance(value, OrderedDict):  # a state_dict: keep its type and version metadata
+            out = OrderedDict(out)
+            if hasattr(value, "_metadata"):
+                out._metadata = value._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
 def write_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` to ``directory/checkpoint.pt`` and return its path."""
+    """Atomically write ``state`` (its tensors moved to the CPU) to ``directory/checkpoint.pt``.
+
+    Returns:
+        The checkpoint's path.
+    """
+    state = to_cpu(state)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     path = d / FILE
@@ -59,4 +94,4 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any] | None:
                             fix="delete it to start the run from scratch") from None
 
 
-__all__ = ["FILE", "read_checkpoint", "write_checkpoint"]
+__all__ = ["FILE", "read_checkpoint", "to_cpu", "write_checkpoint"]

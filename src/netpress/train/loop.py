@@ -14,9 +14,17 @@ loop wraps the model in DDP (gloo on CPU, nccl on GPU) and gives every rank its 
 so N processes follow the one-process trajectory (see :mod:`netpress.train.distributed`).
 ``loss_fn`` receives the DDP wrapper as ``model``; ``batch.run(model)`` works unchanged.
 
+Devices: ``TrainConfig.device`` (``cpu`` by default; ``cuda``, ``cuda:N``, ``auto``) moves the model,
+the extra ``params``, the ``companions`` (modules ``loss_fn`` uses, e.g. a teacher) and every batch
+to that device; the loss is computed there; DDP runs on nccl with one GPU per process
+(``LOCAL_RANK``). The model (and extras, companions) are handed back on the CPU, even when training
+fails. ``loss_fn`` and callbacks see tensors on the device; a loss or callback that mixes devices is
+a :class:`~netpress.core.errors.ModelError` naming the fix.
+
 Checkpoints: with ``checkpoint_dir`` set, rank 0 writes model + optimiser + scheduler + step + RNG
 state every ``checkpoint_every`` steps (atomically) and at the end; a later call with the same
 directory resumes where the last checkpoint stopped (a killed run loses at most the steps since).
+Checkpoints hold CPU tensors only, so a GPU run resumes on a CPU and vice versa.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -41,10 +49,18 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from netpress.core.data import Batch
-from netpress.core.errors import DataError
+from netpress.core.errors import DataError, ModelError
 from netpress.core.progress import track
 from netpress.train.checkpoint import read_checkpoint, write_checkpoint
-from netpress.train.distributed import average_grads, barrier, mean_across, setup, shard
+from netpress.train.distributed import (
+    average_grads,
+    barrier,
+    in_group,
+    mean_across,
+    resolve_device,
+    setup,
+    shard,
+)
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
@@ -67,6 +83,8 @@ class TrainConfig(BaseModel):
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(default=50, ge=1)
     dist_timeout_s: float = Field(default=60.0, gt=0)
+    # cpu (default), cuda (cuda:LOCAL_RANK under torchrun), cuda:N, or auto (cuda when available)
+    device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$")
 
 
 @dataclass
@@ -101,6 +119,28 @@ def _call(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
             fn(*args)
 
 
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """``batch`` with its tensors on ``device`` (the same object when it is the CPU).
+
+    Example:
+        >>> import torch
+        >>> from netpress.core.data import Batch
+        >>> from netpress.train.loop import batch_to
+        >>> b = Batch((torch.ones(2, 3),), torch.zeros(2))
+        >>> batch_to(b, torch.device("cpu")) is b
+        True
+    """
+    if device.type == "cpu":
+        return batch
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    inputs = ({k: move(v) for k, v in batch.inputs.items()} if isinstance(batch.inputs, dict)
+              else tuple(move(v) for v in batch.inputs))
+    return Batch(inputs, None if batch.target is None else move(batch.target))
+
+
 def fine_tune(
     model: nn.Module,
     batches: list[Batch],
@@ -108,23 +148,29 @@ def fine_tune(
     loss_fn: LossFn | None = None,
     callbacks: Sequence[Any] = (),
     params: Any = None,
+    companions: Sequence[nn.Module] = (),
 ) -> TrainResult:
     """Train ``model`` in place on ``batches`` for ``config.epochs`` epochs.
 
     Args:
-        model: trained in place, left in eval mode.
-        batches: training batches (shuffled per epoch with ``config.seed``).
-        config: optimiser and schedule.
+        model: trained in place, left in eval mode (on the CPU when trained on a GPU).
+        batches: training batches (shuffled per epoch with ``config.seed``), on the CPU; each is
+            moved to ``config.device`` when used.
+        config: optimiser, schedule and device.
         loss_fn: ``(model, batch) -> scalar``; default :func:`classification_loss`.
         callbacks: hook objects (see module doc).
         params: parameters to optimise (default: ``model.parameters()`` that require grad);
             e.g. a student plus a FitNets adapter.
+        companions: other modules ``loss_fn`` runs (a teacher, the original model): moved to the
+            device for the run and back to the CPU after it.
 
     Returns:
         :class:`TrainResult` with the step count and the mean loss of every epoch.
 
     Raises:
         DataError: no batches, or unlabelled batches with the default loss.
+        RecipeError: ``device`` names CUDA where there is none.
+        ModelError: ``loss_fn`` or a callback mixes devices (e.g. a teacher left on the CPU).
     """
     if not batches:
         raise DataError("fine-tuning data", got="no batches", expected="at least one batch",
@@ -134,14 +180,59 @@ def fine_tune(
     result = TrainResult()
     if config.epochs == 0 or not params:
         return result
-    rank, size = setup(config.dist_timeout_s)
+    device = resolve_device(config.device)
+    rank, size = setup(config.dist_timeout_s, device=device)
     result.world_size = size
+    extra = _extra_params(model, params)
+    if device.type == "cpu":
+        _run(model, batches, config, loss_fn, callbacks, params, extra, device, rank, size, result)
+        return result
+    try:
+        _place(model, extra, companions, device)
+        _run(model, batches, config, loss_fn, callbacks, params, extra, device, rank, size, result)
+    finally:
+        _place(model, extra, companions, torch.device("cpu"))  # artifacts are CPU
+    return result
+
+
+def _place(model: nn.Module, extra: list[torch.Tensor], companions: Sequence[nn.Module],
+           device: torch.device) -> None:
+    """Move the model, extra tensors and companions to ``device`` (tensor objects kept)."""
+    model.to(device)
+    for m in companions:
+        m.to(device)
+    with torch.no_grad():
+        for p in extra:
+            p.data = p.data.to(device)
+            if p.grad is not None:
+                p.grad = p.grad.to(device)
+
+
+def _mixed_devices(exc: RuntimeError, device: torch.device) -> ModelError | None:
+    text = str(exc)
+    low = text.lower()
+    mixed = "cuda" in low and any(s in low for s in ("same device", "should be the same", "cpu"))
+    if device.type == "cpu" or not mixed:
+        return None
+    return ModelError(f"fine-tuning on {device}",
+                      got=f"a loss or callback that mixes devices ({text.splitlines()[0][:160]})",
+                      expected="every module and tensor the loss and callbacks use on the "
+                               "training device",
+                      fix="pass the modules loss_fn runs (a teacher, the original model) as "
+                          "fine_tune(..., companions=[...]), keep callback tensors on the "
+                          "parameters' device, or train with device: cpu")
+
+
+def _run(model: nn.Module, batches: list[Batch], config: TrainConfig, loss_fn: LossFn,
+         callbacks: Sequence[Any], params: list[torch.Tensor], extra: list[torch.Tensor],
+         device: torch.device, rank: int, size: int, result: TrainResult) -> None:
+    """The loop itself (model, extras and companions already on ``device``)."""
     net: nn.Module = model
-    if size > 1:
+    if in_group():  # under torchrun (any N) or inside the caller's process group
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, find_unused_parameters=False)
-    extra = _extra_params(model, params)
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
     opt = make_optimizer(params, config)
     total = config.epochs * len(batches)
     if config.max_steps:
@@ -152,7 +243,7 @@ def fine_tune(
     if config.checkpoint_dir:
         state = read_checkpoint(config.checkpoint_dir)
         if state is not None:
-            start_epoch, skip = _restore(state, model, params, opt, sched, gen, result)
+            start_epoch, skip = _restore(state, model, params, opt, sched, gen, result, device)
             if skip:
                 partial = (float(state["epoch_loss"]), int(state["epoch_n"]))
     model.train()
@@ -165,21 +256,14 @@ def fine_tune(
         for pos, i in enumerate(track(order, f"fine-tune epoch {epoch + 1}/{config.epochs}")):
             if pos < skip:
                 continue
-            _call(callbacks, "on_step_start", result.steps, model)
-            loss = loss_fn(net, shard(batches[i], rank, size))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if size > 1:
-                average_grads(extra)  # DDP averages the model's; adapters are averaged here
-            _call(callbacks, "on_after_backward", result.steps, model)
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            result.steps += 1
-            value = mean_across(float(loss.detach()))
-            _call(callbacks, "on_step_end", result.steps, model, value)
+            try:
+                value = _step(net, model, batch_to(shard(batches[i], rank, size), device),
+                              loss_fn, callbacks, params, extra, opt, sched, config, size, result)
+            except RuntimeError as exc:
+                err = _mixed_devices(exc, device)
+                if err is None:
+                    raise
+                raise err from exc
             epoch_loss += value
             n += 1
             done = result.steps >= total or pos + 1 == len(order)
@@ -188,7 +272,7 @@ def fine_tune(
                 nxt = (epoch + 1, 0) if boundary else (epoch, pos + 1)
                 _save(config.checkpoint_dir, model, params, opt, sched,
                       gen.get_state() if boundary else gen_state, nxt, result,
-                      epoch_loss, n, rank)
+                      epoch_loss, n, rank, device)
             if result.steps >= total:
                 break
         skip, partial = 0, (0.0, 0)
@@ -196,7 +280,28 @@ def fine_tune(
         _call(callbacks, "on_epoch_end", epoch, model)
     model.eval()
     barrier()
-    return result
+
+
+def _step(net: nn.Module, model: nn.Module, batch: Batch, loss_fn: LossFn,
+          callbacks: Sequence[Any], params: list[torch.Tensor], extra: list[torch.Tensor],
+          opt: Any, sched: Any, config: TrainConfig, size: int, result: TrainResult) -> float:
+    """One optimiser step; returns the loss averaged over ranks."""
+    _call(callbacks, "on_step_start", result.steps, model)
+    loss = loss_fn(net, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if size > 1:
+        average_grads(extra)  # DDP averages the model's; adapters are averaged here
+    _call(callbacks, "on_after_backward", result.steps, model)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    result.steps += 1
+    value = mean_across(float(loss.detach()))
+    _call(callbacks, "on_step_end", result.steps, model, value)
+    return value
 
 
 def _extra_params(model: nn.Module, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -207,9 +312,9 @@ def _extra_params(model: nn.Module, params: list[torch.Tensor]) -> list[torch.Te
 
 def _save(directory: str, model: nn.Module, params: list[torch.Tensor], opt: Any, sched: Any,
           gen_state: torch.Tensor, nxt: tuple[int, int], result: TrainResult, epoch_loss: float,
-          n: int, rank: int) -> None:
+          n: int, rank: int, device: torch.device) -> None:
     if rank == 0:
-        write_checkpoint(directory, {
+        state = {
             "model": model.state_dict(),
             "extra": [p.detach().clone() for p in _extra_params(model, params)],
             "optimizer": opt.state_dict(),
@@ -217,21 +322,27 @@ def _save(directory: str, model: nn.Module, params: list[torch.Tensor], opt: Any
             "step": result.steps, "epoch": nxt[0], "position": nxt[1],
             "epoch_generator": gen_state, "torch_rng": torch.get_rng_state(),
             "losses": list(result.losses), "epoch_loss": epoch_loss, "epoch_n": n,
-        })
+        }
+        if device.type == "cuda":  # dropout on the GPU draws from the device's generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        write_checkpoint(directory, state)  # tensors copied to the CPU: device-free
     barrier()
 
 
 def _restore(state: dict[str, Any], model: nn.Module, params: list[torch.Tensor], opt: Any,
-             sched: Any, gen: torch.Generator, result: TrainResult) -> tuple[int, int]:
-    """Load a checkpoint in place; returns ``(epoch, position in that epoch)`` to continue at."""
-    model.load_state_dict(state["model"])
+             sched: Any, gen: torch.Generator, result: TrainResult,
+             device: torch.device) -> tuple[int, int]:
+    """Load a (CPU) checkpoint in place onto ``device``; returns ``(epoch, position)`` to go on at."""
+    model.load_state_dict(state["model"])  # copies into the parameters, wherever they are
     with torch.no_grad():
         for p, saved in zip(_extra_params(model, params), state["extra"], strict=True):
             p.copy_(saved)
-    opt.load_state_dict(state["optimizer"])
+    opt.load_state_dict(state["optimizer"])  # casts the moments to the parameters' device
     if sched is not None and state["scheduler"] is not None:
         sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     result.steps = result.resumed_from = int(state["step"])
     result.losses = list(state["losses"])
     epoch, position = int(state["epoch"]), int(state["position"])
@@ -241,4 +352,5 @@ def _restore(state: dict[str, Any], model: nn.Module, params: list[torch.Tensor]
     return epoch, position
 
 
-__all__ = ["TrainConfig", "TrainResult", "fine_tune", "classification_loss", "make_optimizer"]
+__all__ = ["TrainConfig", "TrainResult", "batch_to", "fine_tune", "classification_loss",
+           "make_optimizer"]
