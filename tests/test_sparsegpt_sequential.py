@@ -175,7 +175,8 @@ def test_type_sparsity_sets_the_fraction_per_layer_type_and_reports_it() -> None
 
     net, data = Net(), _data()
     conf = parse_config("prune", {"method": "sparsegpt", "sparsity": 0.5,
-                                  "type_sparsity": {"blocks.*.fc1": 0.25, "*.fc2": 0.75}})
+                                  "type_sparsity": {"re:blocks\\.\\d\\.fc1": 0.25,
+                                                    "re:.*fc2": 0.75}})
     ctx = StageContext(data=data, original=net)
     pruned = get_technique("prune", "sparsegpt").handler(copy.deepcopy(net), conf, ctx)
     rep = ctx.report["sparsegpt"]
@@ -183,7 +184,8 @@ def test_type_sparsity_sets_the_fraction_per_layer_type_and_reports_it() -> None
     assert float((pruned.blocks[1].fc2.weight == 0).float().mean()) == 0.75
     # fc1 (2d x d) and fc2 (d x 2d) have the same size: the overall fraction stays 0.5
     assert abs(rep["sparsity"] - 0.5) < 0.01, rep["sparsity"]
-    for bad in ({"type_sparsity": {"*.fc1": 1.0}}, {"sparsity": "2:4", "type_sparsity": {"x": 0.5}}):
+    for bad in ({"type_sparsity": {"re:.*fc1": 1.0}},
+                {"sparsity": "2:4", "type_sparsity": {"re:x": 0.5}}):
         with pytest.raises(RecipeError):
             apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.5, **bad},
                         data=data)

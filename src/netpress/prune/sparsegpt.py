@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import time
-from fnmatch import fnmatch
 from typing import Literal
 
 import torch
@@ -41,6 +40,7 @@ from pydantic import Field, model_validator
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import RecipeError
 from netpress.core.progress import track
+from netpress.core.targeting import matches
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
 from netpress.prune.owl import OWLFields, layer_sparsities
@@ -76,9 +76,9 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
         mask: ``obs`` (SparseGPT's adaptive ``w²/[H⁻¹]_jj²`` per block) or ``wanda``: each row
             keeps its highest ``|w|·‖x_j‖`` (Wanda's score, on the weights being fitted and the
             inputs through the pruned model); the kept weights are then updated all the same.
-        type_sparsity: ``{name pattern: fraction}`` (fnmatch on layer names, first match wins)
-            overriding ``sparsity`` per layer type, e.g. ``{"*.query": 0.6}``; the report's
-            ``sparsity`` says the overall fraction that results.
+        type_sparsity: ``{pattern: fraction}`` overriding ``sparsity`` per layer type (patterns
+            as ``targets``: a module name, a class name or ``re:REGEX``; the first match wins),
+            e.g. ``{"re:.*\\.query": 0.6}``; the report's ``sparsity`` is the overall fraction.
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform), see
             :mod:`netpress.prune.owl`.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
@@ -455,8 +455,10 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     start = time.perf_counter()
     spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
                              config.owl_lambda, config.owl_m)
+    by_model0 = dict(modules)
     for name in spars:  # per-type fractions: the first matching pattern wins
-        hit = next((f for pat, f in config.type_sparsity.items() if fnmatch(name, pat)), None)
+        hit = next((f for pat, f in config.type_sparsity.items()
+                    if matches(name, by_model0[name], pat, "prune.sparsegpt.type_sparsity")), None)
         spars[name] = spars[name] if hit is None else hit
     corrections = {}
     steps = sequential_runs(model, modules, batches)
