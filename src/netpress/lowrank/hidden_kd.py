@@ -14,8 +14,8 @@ teacher's block outputs are computed once and kept (float16, real tokens only).
 
 Recipe spelling (inside the SVD stage; data: the run's ``train`` split, else calibration)::
 
-    - lowrank: {method: svd, ratio: 0.5, activation_aware: true,
-                distill: {epochs: 3, lr: 3e-4, warmup: 0.1}}
+    - lowrank: {method: svd, ratio: 0.5, activation_aware: true, statistics: train,
+                distill: {epochs: 30, lr: 1e-4, train: all, device: auto}}
 
 Example:
     >>> import torch, torch.nn as nn
@@ -68,6 +68,8 @@ class HiddenDistillConfig(BaseModel):
         blocks: module names whose outputs are matched (default: see the module doc).
         grad_clip: clip the gradient norm to this value.
         seed: shuffling seed.
+        device: where to train: ``model`` (where the student is), ``cpu``, ``cuda``, or ``auto``
+            (cuda when available); student and teacher go there for the run and come back after.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -82,6 +84,7 @@ class HiddenDistillConfig(BaseModel):
     blocks: list[str] | None = None
     grad_clip: float | None = Field(default=1.0, gt=0)
     seed: int = 0
+    device: Literal["model", "auto", "cpu", "cuda"] = "model"
 
 
 @dataclass
@@ -193,6 +196,26 @@ def _loss(student: nn.Module, batch: Batch, target: tuple[list[torch.Tensor], to
     return loss
 
 
+def _device(config: HiddenDistillConfig, student: nn.Module) -> torch.device:
+    """The training device (see :class:`HiddenDistillConfig`)."""
+    home = next(iter(student.parameters()), torch.empty(0)).device
+    if config.device == "model":
+        return home
+    if config.device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else home
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("lowrank.distill.device", got="cuda", expected="a visible CUDA device",
+                         fix="use device: auto (falls back to where the model is) or cpu")
+    return torch.device(config.device)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch with its inputs on ``device`` (the target stays where it is)."""
+    if isinstance(batch.inputs, dict):
+        return Batch({k: v.to(device) for k, v in batch.inputs.items()}, batch.target)
+    return Batch(tuple(v.to(device) for v in batch.inputs), batch.target)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -212,7 +235,8 @@ def hidden_distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Bat
         batches: training batches (unlabelled is fine).
         config: see :class:`HiddenDistillConfig`.
         factorised: names of the factorised modules (their parameters train).
-        eval_fn: called after every epoch (e.g. cosine on held-out data); kept in ``evals``.
+        eval_fn: called after every epoch with the student (on the training device), e.g. the
+            cosine on held-out data; kept in ``evals``.
         log: progress lines.
 
     Raises:
@@ -240,7 +264,17 @@ def hidden_distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Bat
     chosen = {id(p) for p in decay + no_decay}
     for p in student.parameters():
         p.requires_grad_(id(p) in chosen)
-    targets = teacher_targets(teacher, batches, blocks)
+    dev = _device(config, student)
+    home = next(iter(student.parameters())).device
+    teacher_home = next(iter(teacher.parameters()), torch.empty(0)).device
+    if dev != home:
+        batches = [to_device(b, dev) for b in batches]
+    try:
+        teacher.to(dev)
+        targets = teacher_targets(teacher, batches, blocks)
+    finally:
+        teacher.to(teacher_home)
+    student.to(dev)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
     total = config.epochs * len(batches)
@@ -273,10 +307,10 @@ def hidden_distill(student: nn.Module, teacher: nn.Module, batches: Sequence[Bat
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
-        student.eval()
+        student.to(home).eval()
     result.seconds = time.perf_counter() - t0
     return result
 
 
 __all__ = ["HiddenDistillConfig", "HiddenDistillResult", "default_blocks", "hidden_distill",
-           "teacher_targets", "trainable"]
+           "teacher_targets", "to_device", "trainable"]

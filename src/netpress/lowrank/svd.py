@@ -11,7 +11,10 @@ second). The rank comes from exactly one of
 
 With ``activation_aware: true`` the truncation is weighted by the layer's real inputs (calibration
 data; SVD-LLM style whitening, layers in forward order, each corrected for the error of the ones
-before it; see :mod:`netpress.lowrank.whiten`). A layer whose chosen rank saves nothing
+before it; see :mod:`netpress.lowrank.whiten`; inside a layer stack the statistics run block by
+block, :mod:`netpress.lowrank.sequential`). ``statistics: train`` takes them from the run's
+``train`` split (thousands of sentences rather than 100 calibration ones: the 1536-dim moments of
+a BERT FFN over-fit 100 sentences). A layer whose chosen rank saves nothing
 (``r·(I+O) >= I·O``) is left dense and listed in the report.
 ``distill: {...}`` then trains the factors (and LayerNorms / biases) to reproduce the original
 model's block outputs and pooled embedding on the run's ``train`` split (calibration data when there
@@ -45,7 +48,8 @@ from netpress.core.targeting import select
 from netpress.lowrank.allocate import allocate_ranks, input_moments
 from netpress.lowrank.common import energy_rank, recover, set_module
 from netpress.lowrank.hidden_kd import HiddenDistillConfig, hidden_distill
-from netpress.lowrank.whiten import corrected_weight, layer_moments, whitened_factors
+from netpress.lowrank.sequential import SequentialMoments
+from netpress.lowrank.whiten import corrected_weight, whitened_factors
 from netpress.train.loop import TrainConfig
 
 
@@ -60,7 +64,7 @@ class SvdConfig(TechniqueConfig):
         activation_aware: whiten by the input second moment on the calibration data.
         damping: diagonal damping of that moment (times its mean diagonal).
         correct: activation-aware only: layers one after another, each fitted to the inputs the
-            compressed layers before it produce (two model passes per layer); ``false``: every
+            compressed layers before it produce (block by block in a layer stack); ``false``: every
             layer whitened by the original model's inputs, all moments from one pass (fast on
             large calibration sets).
         finetune: optional :class:`TrainConfig` run after decomposition.
@@ -68,6 +72,8 @@ class SvdConfig(TechniqueConfig):
             ``ratio`` of the targeted weights, ranks by normalised singular-value energy).
         distill: optional hidden-state distillation from the original after decomposition
             (:class:`~netpress.lowrank.hidden_kd.HiddenDistillConfig`).
+        statistics: activation-aware only: the data of the input moments, ``calibration`` (the
+            stage's data) or ``train`` (the run's train split; calibration when there is none).
     """
 
     method: Literal["svd"] = "svd"
@@ -82,6 +88,7 @@ class SvdConfig(TechniqueConfig):
     finetune: TrainConfig | None = None
     allocation: Literal["uniform", "energy"] = "uniform"
     distill: HiddenDistillConfig | None = None
+    statistics: Literal["calibration", "train"] = "calibration"
 
     @model_validator(mode="after")
     def _one_mode(self) -> SvdConfig:
@@ -123,11 +130,11 @@ def factorize_linear(lin: nn.Linear, rank: int) -> nn.Sequential:
         second.weight.copy_((u[:, :rank] * root[None, :]).float())  # (O, r)
         if lin.bias is not None:
             second.bias.copy_(lin.bias.detach())
-    return nn.Sequential(first, second)
+    return nn.Sequential(first, second).to(lin.weight.device)
 
 
 def _chol(cc: torch.Tensor, damping: float) -> torch.Tensor:
-    eye = torch.eye(cc.shape[0], dtype=cc.dtype)
+    eye = torch.eye(cc.shape[0], dtype=cc.dtype, device=cc.device)
     return torch.linalg.cholesky(cc + damping * cc.diagonal().mean().clamp(min=1e-12) * eye)
 
 
@@ -140,15 +147,15 @@ def _from_factors(lin: nn.Linear, first_w: torch.Tensor, second_w: torch.Tensor)
         second.weight.copy_(second_w)
         if lin.bias is not None:
             second.bias.copy_(lin.bias.detach())
-    return nn.Sequential(first, second)
+    return nn.Sequential(first, second).to(lin.weight.device)
 
 
 def _allocate(model: nn.Module, chosen: list[tuple[str, nn.Linear]], config: SvdConfig,
-              ctx: StageContext, moments: dict[str, torch.Tensor]) -> dict[str, int]:
+              stats: list, moments: dict[str, torch.Tensor]) -> dict[str, int]:
     """Ranks under one shared budget (spectra of ``W`` or, activation-aware, of ``W·S``)."""
     assert config.ratio is not None
     if config.activation_aware and not moments:
-        moments = input_moments(model.eval(), [n for n, _ in chosen], ctx.data or [])
+        moments = input_moments(model.eval(), [n for n, _ in chosen], stats)
     sigmas = {}
     for name, lin in chosen:
         w = lin.weight.detach().double()
@@ -168,23 +175,28 @@ def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     original = None
     teacher = ctx.original if ctx.original is not None else (
         copy.deepcopy(model).eval() if config.distill is not None else None)
+    advanced = ctx.advanced if isinstance(ctx.advanced, dict) else {}
+    stats = (advanced.get("train") or ctx.data) if config.statistics == "train" else ctx.data
     if config.activation_aware:
-        if not ctx.data:
+        if not stats:
             raise DataError("lowrank.activation_aware", got="no calibration data",
                             expected="calibration batches", fix="use a zoo data set, or "
                             "activation_aware: false")
         original = copy.deepcopy(model).eval() if config.correct else None
-    shared = (input_moments(model.eval(), [n for n, _ in chosen], ctx.data or [])
+    shared = (input_moments(model.eval(), [n for n, _ in chosen], stats or [])
               if config.activation_aware and not config.correct else {})
-    preset = _allocate(model, chosen, config, ctx, shared) if config.allocation == "energy" else {}
+    stream = (SequentialMoments(model.eval(), original, [n for n, _ in chosen], stats or [])
+              if original is not None else None)
+    preset = (_allocate(model, chosen, config, stats or [], shared)
+              if config.allocation == "energy" else {})
     for name, lin in chosen:
         out_f, in_f = lin.weight.shape
         w, cc = lin.weight.detach().double(), None
         if name in shared:
             cc = shared[name]
             sigma = torch.linalg.svdvals(w @ _chol(cc, config.damping))
-        elif original is not None:
-            cc, oc, _ = layer_moments(model.eval(), original, name, ctx.data or [])
+        elif stream is not None:
+            cc, oc, _ = stream.moments(name)
             w = corrected_weight(w, cc, oc, config.damping)
             sigma = torch.linalg.svdvals(w @ _chol(cc, config.damping))
         else:
@@ -201,7 +213,6 @@ def lowrank_svd(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     ctx.report.update(ranks=ranks, left_dense=kept)
     ctx.report.update(recover(model, ctx, config.finetune, "lowrank"))
     if config.distill is not None and ranks:
-        advanced = ctx.advanced if isinstance(ctx.advanced, dict) else {}
         data = advanced.get("train") or ctx.data
         res = hidden_distill(model, teacher, data or [], config.distill, list(ranks))
         ctx.report.update(distill_steps=res.steps, distill_losses=[round(v, 5) for v in res.losses],

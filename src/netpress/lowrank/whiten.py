@@ -47,8 +47,8 @@ def whitened_factors(w: torch.Tensor, cov: torch.Tensor, rank: int,
         rank: ``r``.
         damping: added to the diagonal, times its mean (keeps the Cholesky factor invertible).
     """
-    w, cov = w.double(), cov.double()
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    w, cov = w.double(), cov.double().to(w.device)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     cov = cov + damping * cov.diagonal().mean().clamp(min=1e-12) * eye
     s = torch.linalg.cholesky(cov)  # (I, I) lower, cov = S Sᵀ
     u, sig, vh = torch.linalg.svd(w @ s, full_matrices=False)  # (O, k), (k,), (k, I)
@@ -123,7 +123,7 @@ def corrected_weight(w: torch.Tensor, cc: torch.Tensor, oc: torch.Tensor,
                      damping: float = 0.01) -> torch.Tensor:
     """``W·(X X'ᵀ)(X'X'ᵀ + λI)⁻¹``: the dense weight that best maps the current inputs to the
     original outputs (``W`` itself when the inputs are unchanged)."""
-    eye = torch.eye(cc.shape[0], dtype=torch.float64)
+    eye = torch.eye(cc.shape[0], dtype=torch.float64, device=cc.device)
     reg = cc + damping * cc.diagonal().mean().clamp(min=1e-12) * eye
     return w.double() @ torch.linalg.solve(reg, oc.T).T  # (O, I)
 
