@@ -46,7 +46,9 @@ WORKER = textwrap.dedent('''
                           checkpoint_every=4)
         result = fine_tune(model, batches, cfg, callbacks=[Kill(kill_at)] if kill_at else [])
         if int(os.environ.get("RANK", "0")) == 0:
-            torch.save({"state": model.state_dict(), "world": result.world_size}, out)
+            import torch.distributed as dist
+            torch.save({"state": model.state_dict(), "world": result.world_size,
+                        "backend": dist.get_backend() if dist.is_initialized() else None}, out)
 ''')
 
 
@@ -95,6 +97,22 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for k, v in model.state_dict().items():
         # each rank computes half of every batch; DDP averages: same gradient up to rounding
         assert torch.allclose(got["state"][k], v, atol=1e-5), k  # max diff measured ~1e-7
+
+
+def test_torchrun_one_process_joins_a_gloo_group(tmp_path):
+    """torchrun --nproc_per_node=1 trains through DDP (gloo on CPU) and equals the plain run."""
+    path, mod = _worker(tmp_path)
+    model, batches = mod.problem()
+    fine_tune(model, batches, TrainConfig(epochs=3, lr=0.05, optimizer="sgd"))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    cmd = [torchrun, "--nproc_per_node=1", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(path), str(tmp_path / "one.pt"), "0", ""]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "one.pt", weights_only=True)
+    assert got["world"] == 1 and got["backend"] == "gloo"
+    for k, v in model.state_dict().items():
+        assert torch.allclose(got["state"][k], v, atol=1e-6), k
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
