@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from netpress.api import prune
 from netpress.prune.structured.recover import (
+    feature_errors,
     kd_recover,
     kept_channels,
     mix_views,
@@ -115,3 +116,18 @@ def test_kd_recover_rejects_unknown_feature_layers():
     with pytest.raises(ValueError, match="no module named"):
         kd_recover(copy.deepcopy(teacher), teacher, [torch.randn(3, 8, 8)], steps=1,
                    features={"nope": ("2", torch.arange(4))})
+
+
+def test_feature_errors_are_zero_where_the_pruned_net_is_exact():
+    net = _net()
+    x = torch.randn(4, 3, 10, 10)
+    small = prune(copy.deepcopy(net), {"method": "structured", "ratio": 0.5, "round_to": 1},
+                  data=[(x,)])
+    feats = {"2": ("2", kept_channels(net[1], small[1])),
+             "5": ("5", kept_channels(net[4], small[4]))}
+    err = feature_errors(small, net, feats, x)
+    assert err["2"] < 1e-10  # the first block keeps its channels exactly
+    assert err["5"] > 1e-3  # the second lost half of its inputs
+    deeper = (small[:6](x) - net[:6](x)[:, feats["5"][1]]).pow(2).sum()
+    assert err["5"] == pytest.approx(float(deeper / net[:6](x)[:, feats["5"][1]].pow(2).sum()),
+                                     rel=1e-4)

@@ -247,6 +247,39 @@ def kd_recover(student: nn.Module, teacher: nn.Module, images: Sequence[torch.Te
             "feat": feat_v}
 
 
+def feature_errors(student: nn.Module, teacher: nn.Module,
+                   features: dict[str, tuple[str, torch.Tensor]], x: torch.Tensor
+                   ) -> dict[str, float]:
+    """Per matched feature map, ``||s - t[:, kept]||² / ||t[:, kept]||²`` on inputs ``x`` (eval
+    mode, no gradient): where along the network the pruned model departs from the original.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+        >>> feature_errors(net, net, {"0": ("0", torch.arange(4))}, torch.randn(2, 3, 4, 4))
+        {'0': 0.0}
+    """
+    s_store, s_handles = _taps(student, list(features))
+    t_store, t_handles = _taps(teacher, [t for t, _ in features.values()])
+    was_s, was_t = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            student(x)
+            teacher(x)
+    finally:
+        for h in s_handles + t_handles:
+            h.remove()
+        student.train(was_s)
+        teacher.train(was_t)
+    out = {}
+    for s_name, (t_name, idx) in features.items():
+        t_f = t_store[t_name].index_select(1, idx.to(t_store[t_name].device))
+        out[s_name] = float((s_store[s_name] - t_f).pow(2).sum() / t_f.pow(2).sum().clamp_min(
+            1e-12))
+    return out
+
+
 def mobilenet_feature_map(original: nn.Module, pruned: nn.Module,
                           blocks: Sequence[int] | None = None
                           ) -> dict[str, tuple[str, torch.Tensor]]:
@@ -272,4 +305,5 @@ def mobilenet_feature_map(original: nn.Module, pruned: nn.Module,
     return out
 
 
-__all__ = ["kd_recover", "kept_channels", "mix_views", "mobilenet_feature_map", "random_views"]
+__all__ = ["feature_errors", "kd_recover", "kept_channels", "mix_views", "mobilenet_feature_map",
+           "random_views"]
