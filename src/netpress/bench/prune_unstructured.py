@@ -75,19 +75,41 @@ def _row(case: str, tool: str, method: str, metric_name: str, metric: float, siz
 #: (SparseGPT 50%, scratch runs: 100 -> 0.9321, 512 train -> 0.9338, 2048 train -> 0.9357)
 MINILM_TRAIN_SENTENCES = 416
 
-#: the best SparseGPT variant: fit the dense model's outputs, refit the LayerNorms, bias correction
-BEST_SPARSEGPT = {"target": "dense", "refit_norms": True, "bias_correction": True}
+#: the previous best SparseGPT variant: fit the dense model's outputs, refit the LayerNorms, bias
+#: correction
+DENSE_SPARSEGPT = {"target": "dense", "refit_norms": True, "bias_correction": True}
+#: the best: the same, with the kept weights re-solved exactly once the mask is chosen
+BEST_SPARSEGPT = {**DENSE_SPARSEGPT, "exact_refit": True}
+
+#: MiniLM's six Linear types (patterns as ``targets``); Q/K/V/attention-out are 384x384 each,
+#: FFN-in 1536x384 and FFN-out 384x1536, so fractions with ``q + k + v + o + 4·(in + out) = 6·0.5``
+#: keep the overall sparsity at exactly 0.5
+MINILM_TYPES = {"query": r"re:.*\.attention\.self\.query", "key": r"re:.*\.attention\.self\.key",
+                "value": r"re:.*\.attention\.self\.value",
+                "attn_out": r"re:.*\.attention\.output\.dense",
+                "ffn_in": r"re:.*\.intermediate\.dense", "ffn_out": r"re:.*\.layer\.\d+\.output\.dense"}
+#: per-type fractions of the ``types`` row (overall 0.5), chosen from one-type-at-a-time
+#: sensitivity on the *calibration* sentences (SparseGPT at 0.6 on one type, the rest dense)
+TYPE_SPARSITY = {"query": 0.7, "key": 0.7, "value": 0.45, "attn_out": 0.45, "ffn_in": 0.4625,
+                 "ffn_out": 0.4625}
 
 
 def _minilm_variants() -> list[tuple[str, Any, str, dict[str, Any]]]:
     """``(case, sparsity, method, extra config)`` of the MiniLM rows, most telling first."""
+    units = {"query": 1, "key": 1, "value": 1, "attn_out": 1, "ffn_in": 4, "ffn_out": 4}
+    overall = sum(units[k] * v for k, v in TYPE_SPARSITY.items()) / sum(units.values())
+    assert abs(overall - 0.5) < 1e-9, f"TYPE_SPARSITY must keep the overall 0.5, got {overall}"
     out: list[tuple[str, Any, str, dict[str, Any]]] = []
     for case, sp in (("minilm_50pct", 0.5), ("minilm_2of4", "2:4")):
-        out += [(case, sp, "sparsegpt", dict(BEST_SPARSEGPT)), (case, sp, "wanda", {}),
-                (case, sp, "magnitude", {}), (case, sp, "sparsegpt", {}),
+        out += [(case, sp, "sparsegpt", dict(BEST_SPARSEGPT)),
+                (case, sp, "sparsegpt", {**BEST_SPARSEGPT, "mask": "wanda"}),
+                (case, sp, "wanda", {}), (case, sp, "magnitude", {}),
+                (case, sp, "sparsegpt", dict(DENSE_SPARSEGPT)), (case, sp, "sparsegpt", {}),
                 (case, sp, "wanda", {"bias_correction": True})]
         if case == "minilm_50pct":
-            out += [(case, sp, "wanda", {"update": "obs", "bias_correction": True})]
+            out += [(case, sp, "wanda", {"update": "obs", "bias_correction": True}),
+                    (case, sp, "sparsegpt", {**BEST_SPARSEGPT, "type_sparsity": {
+                        MINILM_TYPES[k]: v for k, v in TYPE_SPARSITY.items()}})]
     return out
 
 
@@ -96,6 +118,16 @@ def _tag(extra: dict[str, Any]) -> tuple[str, str]:
     if "owl_lambda" in extra:
         return "_owl", f"OWL λ={extra['owl_lambda']} M={extra['owl_m']}; "
     tags, how = [], []
+    if extra.get("mask") == "wanda":
+        tags.append("wandamask")
+        how.append("Wanda's mask (|w|·‖x‖, each row half) with SparseGPT's weight updates "
+                   "(not plain Wanda: the kept weights change)")
+    if extra.get("type_sparsity"):
+        names = {v: k for k, v in MINILM_TYPES.items()}
+        tags.append("types")
+        how.append("per-type sparsity " + ", ".join(
+            f"{names.get(k, k)} {v}" for k, v in extra["type_sparsity"].items())
+            + " (overall 0.5: same weight count as uniform)")
     if extra.get("update") == "obs":
         tags.append("obs")
         how.append("Wanda's mask, kept weights updated by SparseGPT's OBS sweep (not plain Wanda)")
@@ -108,15 +140,19 @@ def _tag(extra: dict[str, Any]) -> tuple[str, str]:
     if extra.get("bias_correction"):
         tags.append("biascorr")
         how.append("bias += mean output shift on the calibration inputs")
+    if extra.get("exact_refit"):
+        tags.append("exactrefit")
+        how.append("kept weights re-solved per row by least squares once the mask is chosen")
     return "".join(f"_{t}" for t in tags), "".join(f"{h}; " for h in how)
 
 
 def minilm(quick: bool = False, cases: tuple[str, ...] = ("minilm_50pct", "minilm_2of4"),
-           anchors: bool = True) -> list[dict[str, Any]]:
+           anchors: bool = True, only: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     """One-shot 50% and 2:4 on all-MiniLM-L6-v2 (all 36 encoder Linear layers).
 
     ``cases`` / ``anchors`` pick a part (the dense and torch rows are the anchors), so the parts
-    can run as separate processes on a busy machine.
+    can run as separate processes on a busy machine; ``only`` (full row case names, e.g.
+    ``"minilm_50pct_wanda"``) runs just those variants.
     """
     from torch.nn.utils import prune as tprune
 
@@ -153,11 +189,11 @@ def minilm(quick: bool = False, cases: tuple[str, ...] = ("minilm_50pct", "minil
                          "cosine", cos(anchor), _bytes(anchor, "minilm"), secs,
                          f"per-layer magnitude, the anchor; {base}", threads))
     for case, spars, method, extra in _minilm_variants():
-        if case not in cases:
+        tag, how = _tag(extra)
+        if case not in cases or (only is not None and f"{case}_{method}{tag}" not in only):
             continue
         pruned, secs, rep = _apply(model, {"method": method, "sparsity": spars, **extra},
                                    calib, model)
-        tag, how = _tag(extra)
         seq = "sequential (inputs through the pruned earlier layers); " \
             if rep[method].get("sequential") or method == "sparsegpt" else ""
         rows.append(_row(f"{case}_{method}{tag}", "netpress", f"{method} {spars}{tag}", "cosine",
