@@ -9,7 +9,7 @@ Rows (case ``mobilenet_v2_w8a8*``), all in one process, latencies interleaved:
   CPU without AMX / AVX512-BF16 the default already is f32);
 * ``netpress`` PTQ (BN folding, per-channel int8 weights, calibrated uint8 activations, quantized
   residual Adds): the QDQ ONNX file on ONNX Runtime and on OpenVINO; the accuracy options of
-  ``VARIANTS`` (AdaRound, ...) on OpenVINO, each with its own PTQ seconds;
+  ``VARIANTS`` (AdaRound, BRECQ + QDrop, ...) on OpenVINO, each with its own PTQ seconds;
 * anchor ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel, MinMax) on ORT;
 * anchor ``nncf.quantize`` (defaults) on the OpenVINO model read from the fp32 ONNX.
 
@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "_mse_search_adaround": ({"activations": {"observer": "mse", "search": True},
                               "rounding": "adaround"},
                              ", activation observer mse + range search + AdaRound"),
+    "_brecq": ({"rounding": "brecq"},
+               " + BRECQ block reconstruction with QDrop 0.5 and learned activation steps "
+               "(rounding: brecq)"),
 }
 
 
@@ -180,6 +183,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                       f"{rep.get('seconds')} s")
             if rep.get("adaround"):
                 notes += f" of which AdaRound {rep['adaround']['seconds']} s"
+            if rep.get("brecq"):
+                b = rep["brecq"]
+                notes += f" of which BRECQ {b['seconds']} s ({len(b['units'])} units)"
         rows.append(row(
             suite=SUITE, case="mobilenet_v2_w8a8" + ("" if key == "ort_fp32" else f"_{key}"),
             tool=tool, method=method, metric_name="top1_agreement", metric=round(all_, 4),

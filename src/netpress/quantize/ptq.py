@@ -29,7 +29,10 @@ Steps (all scales and zero points are computed here, by netpress's observers):
 
 Accuracy options (opt-in): ``activations: {search: true}`` picks each layer input's range by
 the layer-output error (:mod:`netpress.quantize.act_search`), ``rounding: adaround`` learns the
-weight rounding (:mod:`netpress.quantize.adaround`), ``bias_correction: true`` corrects biases
+weight rounding layer by layer (:mod:`netpress.quantize.adaround`), ``rounding: brecq`` learns the
+rounding of whole blocks jointly, with QDrop and learned activation step sizes
+(:mod:`netpress.quantize.brecq`; options in ``brecq: {iters, qdrop, ...}``),
+``bias_correction: true`` corrects biases
 (:mod:`netpress.quantize.bias_correction`); all of them only change the int8 codes, scales and
 biases that the QDQ file carries.
 
@@ -136,6 +139,31 @@ class PTQAdaRound(BaseModel):
     asymmetric: bool = False
 
 
+class PTQBrecq(BaseModel):
+    """Options of ``rounding: brecq`` (:mod:`netpress.quantize.brecq`): block reconstruction.
+
+    Attributes:
+        examples: calibration examples reconstructed on.
+        iters / batch / patch: Adam steps per block, examples per step, window side of larger
+            feature maps.
+        lr / act_lr: learning rates of the rounding variables and of the log step sizes.
+        reg: rounding regulariser λ.
+        qdrop: QDrop probability of bypassing each activation quantizer (0: plain BRECQ).
+        learn_act: also learn the activation step sizes (LSQ-style).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    examples: int = Field(default=256, ge=1, le=100_000)
+    iters: int = Field(default=400, ge=1, le=100_000)
+    batch: int = Field(default=32, ge=1, le=4096)
+    patch: int = Field(default=32, ge=4, le=4096)
+    lr: float = Field(default=1e-2, gt=0.0, le=1.0)
+    act_lr: float = Field(default=1e-3, ge=0.0, le=1.0)
+    reg: float = Field(default=0.01, ge=0.0)
+    qdrop: float = Field(default=0.5, ge=0.0, lt=1.0)
+    learn_act: bool = True
+
+
 class PTQConfig(TechniqueConfig):
     """Config of ``quantize: {method: ptq}`` (see the module doc).
 
@@ -164,6 +192,8 @@ class PTQConfig(TechniqueConfig):
             MobileNetV2, 400 held-out photo crops, torch integer simulation, 128 AdaRound
             examples: top-1 agreement 0.8375 -> 0.870 (confident crops 0.970 -> 0.975),
             0.8725 with ``bias_correction`` too; the target 0.93 is not reached.
+            ``brecq``: block reconstruction (BRECQ) with QDrop (:mod:`netpress.quantize.brecq`,
+            options in ``brecq``); slower (its seconds are in the report, ``brecq.seconds``).
     """
 
     method: Literal["ptq"] = "ptq"
@@ -180,8 +210,9 @@ class PTQConfig(TechniqueConfig):
     bias_correction: bool = False
     bias_correction_examples: int = Field(default=64, ge=1, le=4096)
     bias_correction_mode: Literal["weight_error", "output_mean"] = "weight_error"
-    rounding: Literal["nearest", "adaround"] = "nearest"
+    rounding: Literal["nearest", "adaround", "brecq"] = "nearest"
     adaround: PTQAdaRound = Field(default_factory=PTQAdaRound)
+    brecq: PTQBrecq = Field(default_factory=PTQBrecq)
 
 
 def _check_data(ctx: StageContext) -> list[Batch]:
@@ -474,7 +505,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
                                         out_quant, tensors, batches, a.observer, a.bits,
                                         a.symmetric, a.percentile, config.calibration_examples)
     override = _search_ranges(model, chosen, nodes, out_quant, observers, batches, a)
-    keep_float = config.bias_correction or config.rounding == "adaround"
+    keep_float = config.bias_correction or config.rounding in ("adaround", "brecq")
     float_model = copy.deepcopy(model) if keep_float else None
     fallbacks: dict[str, float] = {}
     per_channel_default = config.weights.granularity == "per_channel"
@@ -515,6 +546,16 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
                           correct_bias=o.correct_bias, asymmetric=o.asymmetric,
                           qmax=(1 << (config.weights.bits - 1)) - 1)
         ada = {"seconds": round(time.perf_counter() - t_ada, 2), "layers": layers}
+    rec: dict[str, Any] = {}
+    if float_model is not None and config.rounding == "brecq":
+        from netpress.quantize.brecq import brecq
+
+        t_rec, b = time.perf_counter(), config.brecq
+        units = brecq(float_model, model, _first_inputs(batches, b.examples), sorted(chosen),
+                      iters=b.iters, batch=b.batch, patch=b.patch, lr=b.lr, act_lr=b.act_lr,
+                      reg=b.reg, qdrop=b.qdrop, learn_act=b.learn_act,
+                      qmax=(1 << (config.weights.bits - 1)) - 1)
+        rec = {"seconds": round(time.perf_counter() - t_rec, 2), "units": units}
     if float_model is not None and config.bias_correction:
         from netpress.quantize.bias_correction import bias_correct
 
@@ -532,12 +573,12 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
             config.calibration_examples, sum(b.size for b in batches)),
         "bias_correction": {k: round(v, 5) for k, v in shifts.items()},
         "calibration_runtime": config.calibration_runtime, "rounding": config.rounding,
-        "adaround": ada, "searched_inputs": len(override),
+        "adaround": ada, "brecq": rec, "searched_inputs": len(override),
         "seconds": round(time.perf_counter() - t0, 2),
         "execution": "integer kernels via the QDQ ONNX graph (ONNX Runtime / OpenVINO)",
     }
     return model
 
 
-__all__ = ["PTQActivations", "PTQAdaRound", "PTQConfig", "PTQWeights", "calibrate_onnx",
+__all__ = ["PTQActivations", "PTQAdaRound", "PTQBrecq", "PTQConfig", "PTQWeights", "calibrate_onnx",
            "per_tensor_collapse", "per_tensor_sqnr", "quantize_ptq"]
