@@ -189,3 +189,15 @@ def test_type_sparsity_sets_the_fraction_per_layer_type_and_reports_it() -> None
         with pytest.raises(RecipeError):
             apply_prune(copy.deepcopy(net), {"method": "sparsegpt", "sparsity": 0.5, **bad},
                         data=data)
+
+
+def test_minilm_bench_variants_have_unique_rows_and_an_overall_half_type_split() -> None:
+    from netpress.bench.prune_unstructured import MINILM_TYPES, TYPE_SPARSITY, _minilm_variants, _tag
+
+    names = [f"{c}_{m}{_tag(e)[0]}" for c, _, m, e in _minilm_variants()]
+    assert len(names) == len(set(names)), names
+    sizes = {"query": 384 * 384, "key": 384 * 384, "value": 384 * 384, "attn_out": 384 * 384,
+             "ffn_in": 1536 * 384, "ffn_out": 384 * 1536}  # MiniLM's Linear shapes
+    removed = sum(sizes[k] * v for k, v in TYPE_SPARSITY.items())
+    assert removed == pytest.approx(0.5 * sum(sizes.values()), rel=1e-12)
+    assert set(MINILM_TYPES) == set(TYPE_SPARSITY)
