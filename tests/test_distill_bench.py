@@ -1,19 +1,24 @@
-"""bench/distill.py: the KD rows measure the gap against the stronger label-only baseline."""
+"""bench/distill.py: the KD rows measure the gap against the stronger label-only baseline; the
+bench-trained ensemble teacher feeds KD and its own rows."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from netpress.bench import distill as bd
 from netpress.bench.distill import KD_KINDS, KD_SETUP, _augment, kd_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seed(acc: dict[str, float]) -> dict:
-    return {"acc": acc, "secs": dict.fromkeys(KD_KINDS, 1.0), "epochs": 40, "params": 3138}
+    return {"acc": acc, "secs": dict.fromkeys(KD_KINDS, 1.0), "epochs": 40, "params": 2210}
 
 
 def test_kd_rows_gap_against_the_stronger_baseline():
-    rows = kd_rows("mnist1d", [_seed({"labels": 0.95, "labels_alt": 0.93, "kd": 0.97,
-                                      "feature_kd": 0.96})] * 3)
+    rows = kd_rows("digits", [_seed({"labels": 0.95, "labels_alt": 0.93, "kd": 0.97,
+                                     "feature_kd": 0.96})] * 3)
     teacher = rows[0]["metric"]
     assert rows[0]["method"].startswith("teacher") and 0.9 < teacher < 1.0
     kd = next(r for r in rows if r["method"].startswith("kd "))
@@ -22,11 +27,11 @@ def test_kd_rows_gap_against_the_stronger_baseline():
     assert "stronger label-only baseline" in next(r for r in rows if r["method"] ==
                                                   "labels_only (student, CE)")["notes"]
     # swap the baselines: the gap follows the stronger one
-    rows = kd_rows("mnist1d", [_seed({"labels": 0.93, "labels_alt": 0.95, "kd": 0.97,
-                                      "feature_kd": 0.96})] * 3)
+    rows = kd_rows("digits", [_seed({"labels": 0.93, "labels_alt": 0.95, "kd": 0.97,
+                                     "feature_kd": 0.96})] * 3)
     kd = next(r for r in rows if r["method"].startswith("kd "))
     assert f"gap recovered {want:.0%}" in kd["notes"]
-    fkd = next(r for r in rows if r["case"] == "feature_kd_mnist1d")
+    fkd = next(r for r in rows if r["case"] == "feature_kd_digits")
     assert "gain over kd -0.0100" in fkd["notes"]
 
 
@@ -37,8 +42,37 @@ def test_kd_setup_student_is_4x_smaller_and_alt_toggles_mixup(data):
     from netpress.measure import count_params
 
     setup = KD_SETUP[data]
-    teacher = zoo.load_model({"digits": "digits_cnn", "mnist1d": "mnist1d_cnn"}[data])
-    student = derive_student(teacher, width=setup["width"])
-    assert count_params(teacher) / count_params(student) >= 4
+    student = derive_student(zoo.load_model(bd.ZOO[data]), width=setup["width"])
+    spec = setup.get("teacher")
+    teacher = zoo.load_model(bd.ZOO[data]) if spec is None else bd._member(data, spec["width"])
+    assert count_params(teacher) / count_params(student) >= 4  # one member alone
     assert _augment(setup, "labels") == setup["augment"]
     assert _augment(setup, "labels_alt")["mixup"] == setup["alt_mixup"] != setup["augment"]["mixup"]
+
+
+def test_trained_teacher_feeds_kd_and_its_rows(monkeypatch):
+    """A tiny stand-in of the MNIST-1D set-up: two members trained on train, their ensemble is the
+    KD (and feature KD) teacher, and the rows report it and the zoo CNN separately."""
+    from netpress import zoo
+
+    tiny = dict(KD_SETUP["mnist1d"], epochs=4,
+                teacher={"width": 4, "members": 2, "epochs": 4, "lr": 0.01,
+                         "augment": {"shift": 3, "noise": 0.05}})
+    monkeypatch.setitem(KD_SETUP, "mnist1d", tiny)
+    monkeypatch.setitem(bd.FEATURES, "mnist1d", [["5", "members.0.5"], ["11", "members.0.11"]])
+    members = [bd.train_teacher("mnist1d", i, quick=True) for i in range(2)]
+    assert members[0]["epochs"] == 1 and 0.0 < members[0]["acc"] < 1.0
+    assert not torch.equal(members[0]["state"]["0.weight"], members[1]["state"]["0.weight"])
+    ens = bd.kd_teacher("mnist1d", members)
+    x = torch.randn(3, 1, 40)
+    parts = [bd.kd_teacher("mnist1d", [m]) for m in members]
+    torch.testing.assert_close(ens(x), (parts[0](x) + parts[1](x)) / 2)
+    out = bd.kd_seed("mnist1d", 0, True, ("kd", "feature_kd"), members)
+    assert set(out["acc"]) == {"kd", "feature_kd"}
+    rows = kd_rows("mnist1d", [{**out, "acc": {**out["acc"], "labels": 0.5, "labels_alt": 0.4},
+                                "secs": dict.fromkeys(KD_KINDS, 1.0)}], members)
+    assert rows[0]["method"].startswith("teacher: ensemble of 2")
+    assert rows[0]["metric"] == round(bd._acc(ens, zoo.load_data("mnist1d").evaluation), 4)
+    assert "not the KD teacher" in rows[1]["method"]
+    with pytest.raises(ValueError, match="teacher members"):
+        bd.kd_teacher("mnist1d", None)
