@@ -150,13 +150,16 @@ class PTQBrecq(BaseModel):
         reg: rounding regulariser λ.
         qdrop: QDrop probability of bypassing each activation quantizer (0: plain BRECQ).
         learn_act: also learn the activation step sizes (LSQ-style).
+
+    The defaults are sized for a shared 2-core CPU (MobileNetV2: 19 units, ~6 min at load ~25);
+    the papers run ~20k steps of batch 32 per block.
     """
 
     model_config = ConfigDict(extra="forbid")
-    examples: int = Field(default=256, ge=1, le=100_000)
-    iters: int = Field(default=400, ge=1, le=100_000)
-    batch: int = Field(default=32, ge=1, le=4096)
-    patch: int = Field(default=32, ge=4, le=4096)
+    examples: int = Field(default=128, ge=1, le=100_000)
+    iters: int = Field(default=60, ge=1, le=100_000)
+    batch: int = Field(default=8, ge=1, le=4096)
+    patch: int = Field(default=16, ge=4, le=4096)
     lr: float = Field(default=1e-2, gt=0.0, le=1.0)
     act_lr: float = Field(default=1e-3, ge=0.0, le=1.0)
     reg: float = Field(default=0.01, ge=0.0)
@@ -194,6 +197,9 @@ class PTQConfig(TechniqueConfig):
             0.8725 with ``bias_correction`` too; the target 0.93 is not reached.
             ``brecq``: block reconstruction (BRECQ) with QDrop (:mod:`netpress.quantize.brecq`,
             options in ``brecq``); slower (its seconds are in the report, ``brecq.seconds``).
+            MobileNetV2 with the defaults (128 calibration crops, 60 steps of 8 per block),
+            torch integer simulation, first 96 held-out crops: agreement 0.875 -> 0.917
+            (confident 0.98 -> 0.98), 977 s at load ~25 on 2 shared cores, 1 thread.
     """
 
     method: Literal["ptq"] = "ptq"
