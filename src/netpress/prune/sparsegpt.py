@@ -72,7 +72,9 @@ class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
             (before the next one is pruned) to the dense model's outputs (:func:`refit_norm`).
         exact_refit: after the sweep has chosen the mask, re-solve each row's kept weights
             exactly (:func:`refit_kept`; least squares on the calibration inputs, to the same
-            target) instead of keeping the sweep's one-directional updates.
+            target) instead of keeping the sweep's one-directional updates (MiniLM, dense target +
+            LayerNorm refit + bias correction, 573 held-out sentences: 50% cosine 0.9572 ->
+            0.9649, 2:4 0.9292 -> 0.9415).
         mask: ``obs`` (SparseGPT's adaptive ``w²/[H⁻¹]_jj²`` per block) or ``wanda``: each row
             keeps its highest ``|w|·‖x_j‖`` (Wanda's score, on the weights being fitted and the
             inputs through the pruned model); the kept weights are then updated all the same.
