@@ -118,7 +118,7 @@ def test_stand_ins_are_put_back_when_a_layer_fails(monkeypatch) -> None:
 
     gptq_mod = importlib.import_module("netpress.quantize.gptq")
 
-    real = gptq_mod.gptq_layer
+    real = gptq_mod.gptq_from_stats
     calls = [0]
 
     def failing(*a, **k):
@@ -127,7 +127,7 @@ def test_stand_ins_are_put_back_when_a_layer_fails(monkeypatch) -> None:
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(gptq_mod, "gptq_layer", failing)
+    monkeypatch.setattr(gptq_mod, "gptq_from_stats", failing)
     model = _Net().eval()
     with pytest.raises(RuntimeError, match="boom"):
         _gptq(model)
@@ -146,3 +146,84 @@ def test_trim_heap_is_harmless() -> None:
     trim_heap()
     trim_heap()
     assert np.isfinite(1.0)
+
+
+def test_streamed_statistics_give_the_codes_of_the_stacked_inputs() -> None:
+    """HessianStats fed in uneven pieces (as captures feed it) = the stacked-input reference:
+    the Hessian in visiting order, its inverse factor, and the codes, bit for bit."""
+    from netpress.quantize.gptq import (
+        HessianStats,
+        _inverse_cholesky,
+        gptq_from_stats,
+        gptq_layer,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(700, 64, generator=g) * torch.rand(64, generator=g) * 3
+    x[:, 5] = 0.0  # a dead column
+    w = torch.randn(24, 64, generator=g)
+    stats = HessianStats(0.01, act_order=True)
+    for a, b in ((0, 37), (37, 300), (300, 301), (301, 700)):
+        stats.add(x[a:b])
+    u, perm, dead = stats.inverse()
+    assert torch.equal(perm, torch.argsort((x.double() ** 2).sum(0), descending=True))
+    assert dead.tolist() == [i == 5 for i in range(64)]
+    h = hessian(x, perm=perm)
+    dp = dead[perm]
+    h[dp, dp] = 1.0
+    h.diagonal().add_(0.01 * torch.mean(torch.diag(h)))
+    assert torch.equal(u, _inverse_cholesky(h))
+    codes = gptq_from_stats(w, stats, bits=4, group_size=16)
+    ref = gptq_layer(w, x, bits=4, group_size=16)
+    for a, b in zip(codes, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_statistics_shared_by_several_layers_are_freed_after_the_last() -> None:
+    from netpress.quantize.gptq import HessianStats, gptq_from_stats
+
+    x, w = torch.randn(300, 32), torch.randn(8, 32)
+    stats = HessianStats()
+    stats.add(x)
+    stats.expect_uses(2)
+    first = gptq_from_stats(w, stats, bits=4, group_size=16)
+    assert stats._done is not None  # a second layer still needs it
+    second = gptq_from_stats(w, stats, bits=4, group_size=16)
+    assert stats._done is None
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_release_file_pages_drops_only_clean_file_pages(tmp_path) -> None:
+    """A weight memory-mapped from a file: its clean pages leave the process (RSS falls), the
+    values read back the same; a written (copied-on-write) page and anonymous memory are kept."""
+    import mmap as mmap_mod
+    import sys
+
+    from netpress.quantize.sequential import release_file_pages
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("pagemap / madvise are Linux-only")
+    n = 4 << 20  # 4 MiB of float32 in a file
+    path = tmp_path / "w.bin"
+    values = torch.arange(n // 4, dtype=torch.float32)
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "r+b") as f:
+        mapped = mmap_mod.mmap(f.fileno(), n, flags=mmap_mod.MAP_PRIVATE)
+    w = torch.frombuffer(mapped, dtype=torch.float32)
+
+    def rss_file() -> int:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:"))
+
+    assert float(w.sum()) == float(values.sum())  # every page read: resident
+    before = rss_file()
+    w[0] = -1.0  # the first page is now a private (anonymous) copy
+    released = release_file_pages(w)
+    # the written page is kept (a huge-page mapping split by the write may have unmapped some
+    # other pages already: those are not present, hence not counted)
+    assert 0 < released <= n - mmap_mod.PAGESIZE and released % mmap_mod.PAGESIZE == 0
+    assert before - rss_file() >= (released >> 10) - 64  # KiB, a little slack for other maps
+    assert w[0] == -1.0 and torch.equal(w[1:], values[1:])  # same values, the write kept
+    assert release_file_pages(torch.randn(1 << 20)) == 0  # anonymous memory: never
+    del w
+    mapped.close()

@@ -79,8 +79,8 @@ def test_fast_capture_gives_the_same_codes_as_whole_model_forwards(varying, monk
 
 
 def _no_sharing(fn):
-    def wrapped(runs, layer, followers, name, stop=True):
-        return fn(runs, layer, [], name, stop)
+    def wrapped(runs, layer, followers, name, stop=True, sink=None):
+        return fn(runs, layer, [], name, stop, sink)
     return wrapped
 
 

@@ -59,14 +59,6 @@ def hessian(x: torch.Tensor, chunk: int = 256, perm: torch.Tensor | None = None)
     return h.mul_(2.0 / max(1, x.shape[0]))
 
 
-def _sq_norms(x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """``diag(XᵀX)`` in float64 (``(I,)``), chunked like :func:`hessian`."""
-    d = torch.zeros(x.shape[1], dtype=torch.float64)
-    for i in range(0, x.shape[0], chunk):
-        d += x[i:i + chunk].to(torch.float64).square().sum(0)
-    return d
-
-
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``h⁻¹`` (``UᵀU = h⁻¹``, float64), in ``h``'s own memory.
 
@@ -96,14 +88,147 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
     return h  # its memory now holds U row-major
 
 
+class HessianStats:
+    """GPTQ's statistics of one layer's inputs, accumulated as they arrive; the inputs are never
+    held whole.
+
+    :meth:`add` takes rows ``(n, I)`` in any number of pieces; they are cut into chunks of
+    ``chunk`` rows of the concatenated stream (the chunks :func:`hessian` would make of the stacked
+    inputs, so the sums are bit-identical), each adding to ``diag(XᵀX)`` and ``XᵀX`` (float64).
+    :meth:`inverse` then gives the upper Cholesky factor of the damped ``H⁻¹`` in visiting order,
+    computed once and shared by the layers fed the same inputs (query, key, value). Memory: the
+    ``(I, I)`` float64 buffer and one chunk, against the ``(N, I)`` inputs (MiniLM's FFN output
+    layer: 18 MiB + 1.5 MiB instead of 18 + 15 MiB).
+
+    Example:
+        >>> x = torch.randn(300, 16)
+        >>> stats = HessianStats(act_order=False); stats.add(x[:100]); stats.add(x[100:])
+        >>> u, perm, dead = stats.inverse()
+        >>> h = 2 * x.double().T @ x.double() / 300
+        >>> h += 0.01 * h.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+        >>> torch.allclose(u.T @ u, torch.linalg.inv(h))
+        True
+    """
+
+    def __init__(self, damp: float = 0.01, act_order: bool = True, chunk: int = 256) -> None:
+        self.damp, self.act_order, self.chunk = damp, act_order, chunk
+        self.n = 0
+        self.h: torch.Tensor | None = None  # XᵀX so far, then the inverse factor
+        self.diag: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None  # (chunk, I) rows waiting for a full chunk
+        self._fill = 0
+        self._done: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._uses: int | None = None  # layers still to use the inverse (None: keep it)
+
+    def expect_uses(self, n: int) -> None:
+        """Free the inverse once ``n`` layers have been quantized from it (:meth:`used`)."""
+        self._uses = n
+
+    def used(self) -> None:
+        """One layer is done with the inverse (freed after the last one, see
+        :meth:`expect_uses`)."""
+        if self._uses is not None:
+            self._uses -= 1
+            if self._uses <= 0:
+                self._done = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add rows ``x (n, I)`` of the layer's inputs."""
+        assert self._done is None, "inputs added after the inverse was taken"
+        if self._buf is None:
+            i = x.shape[1]
+            self._buf = torch.empty(self.chunk, i, dtype=torch.float32)
+            self.h = torch.zeros(i, i, dtype=torch.float64)
+            self.diag = torch.zeros(i, dtype=torch.float64)
+        self.n += x.shape[0]
+        at = 0
+        while at < x.shape[0]:
+            take = min(self.chunk - self._fill, x.shape[0] - at)
+            self._buf[self._fill:self._fill + take] = x[at:at + take]
+            self._fill += take
+            at += take
+            if self._fill == self.chunk:
+                self._flush()
+
+    def _flush(self) -> None:
+        assert self._buf is not None and self.h is not None and self.diag is not None
+        if self._fill:
+            xd = self._buf[:self._fill].to(torch.float64)
+            self.diag += xd.square().sum(0)
+            self.h.addmm_(xd.T, xd)
+            del xd
+        self._fill = 0
+
+    def inverse(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, perm, dead)``: the upper Cholesky factor of the damped ``H⁻¹`` (float64, rows and
+        columns in visiting order: by decreasing ``diag(H)`` with ``act_order``), the visiting
+        order, and the mask of never-active input columns (original order). Computed once.
+
+        Raises:
+            torch.linalg.LinAlgError: the damped Hessian is not positive definite.
+        """
+        if self._done is None:
+            assert self.h is not None and self.diag is not None, "no inputs were added, or the " \
+                "inverse was freed after its last use"
+            self._flush()
+            self._buf = None
+            dead = self.diag == 0
+            perm = (torch.argsort(self.diag, descending=True) if self.act_order
+                    else torch.arange(len(self.diag)))
+            h = _permute_symmetric(self.h.mul_(2.0 / max(1, self.n)), perm)
+            self.h = None
+            dp = dead[perm]
+            h[dp, dp] = 1.0
+            h.diagonal().add_(self.damp * torch.mean(torch.diag(h)))
+            trim_heap()
+            self._done = (_inverse_cholesky(h), perm, dead)
+            del h
+            trim_heap()
+        return self._done
+
+
+def _permute_symmetric(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``h[perm][:, perm]`` in ``h``'s own memory (columns 64 rows at a time, rows by cycles)."""
+    n = h.shape[0]
+    if torch.equal(perm, torch.arange(n)):
+        return h
+    for i in range(0, n, 64):
+        h[i:i + 64] = h[i:i + 64][:, perm]
+    p, done = perm.tolist(), [False] * n
+    for s in range(n):  # row j takes row p[j]: follow each cycle with one row saved
+        if done[s]:
+            continue
+        saved, j = h[s].clone(), s
+        while True:
+            done[j] = True
+            k = p[j]
+            if k == s:
+                h[j] = saved
+                break
+            h[j] = h[k]
+            j = k
+    return h
+
+
+def _static_qparams(w: torch.Tensor, dead: torch.Tensor, bits: int, group_size: int,
+                    clip_search: bool, rows: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales/zeros of ``w (O, I)`` (dead columns zeroed), ``rows`` groups at a time: the
+    clip search's temporaries stay small (each group is searched on its own: same numbers)."""
+    out_f = w.shape[0]
+    groups = w.detach().to(torch.float32).masked_fill(dead, 0.0).reshape(-1, group_size)
+    s, z = torch.empty(groups.shape[0]), torch.empty(groups.shape[0])
+    for r in range(0, groups.shape[0], rows):
+        s[r:r + rows], z[r:r + rows] = clipped_qparams(groups[r:r + rows], bits, clip_search)
+    return s.reshape(out_f, -1), z.reshape(out_f, -1)
+
+
 def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
                act_order: bool = True, block_size: int = 128, clip_search: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of one weight ``w (O, I)`` given its inputs ``x (N, I)``.
 
-    Memory: one ``(I, I)`` float64 buffer (the Hessian, built directly in the visiting order and
-    inverted in place) and two ``(I, O)`` float64 copies of the weight (the working copy and the
-    codes), besides ``x`` (MiniLM's widest layer: 18 + 2 x 4.5 MiB).
+    The inputs go through a :class:`HessianStats`, then :func:`gptq_from_stats`. The stage itself
+    feeds the statistics as the inputs are captured (:func:`quantize_gptq`), never holding ``x``.
 
     Args:
         w: the float weight.
@@ -117,36 +242,49 @@ def gptq_layer(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, dam
     Returns:
         ``(codes (O, I), scales (O, I/g), zeros (O, I/g))``, float32, in the original column order.
     """
+    stats = HessianStats(damp, act_order)
+    stats.add(x)
+    return gptq_from_stats(w, stats, bits, group_size, block_size, clip_search)
+
+
+def gptq_from_stats(w: torch.Tensor, stats: HessianStats, bits: int, group_size: int,
+                    block_size: int = 128, clip_search: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of one weight ``w (O, I)`` from its inputs' :class:`HessianStats`.
+
+    Memory: the shared ``(I, I)`` float64 factor, and two ``(I, O)`` copies of the weight (the
+    float64 working copy and the float32 codes; MiniLM's widest layer: 18 + 4.5 + 2.25 MiB).
+
+    Returns:
+        ``(codes (O, I), scales (O, I/g), zeros (O, I/g))``, float32, in the original column order.
+
+    Example:
+        >>> w, x = torch.randn(8, 64), torch.randn(256, 64)
+        >>> stats = HessianStats(); stats.add(x)
+        >>> codes, scales, zeros = gptq_from_stats(w, stats, bits=4, group_size=32)
+        >>> torch.equal(codes, gptq_layer(w, x, bits=4, group_size=32)[0])
+        True
+    """
     out_f, in_f = w.shape
     n_groups = in_f // group_size
-    diag = _sq_norms(x)  # diag(H) up to the factor 2/N: its zeros and its order
-    dead = diag == 0
-    if act_order:
+    hinv, perm, dead = stats.inverse()
+    if stats.act_order:
         # static groups: scales from the (un-updated) weights, so groups stay contiguous
-        wd = w.detach().to(torch.float32).masked_fill(dead, 0.0)
-        s, z = clipped_qparams(wd.reshape(-1, group_size), bits, clip_search)
-        del wd
-        scales, zeros = s.reshape(out_f, n_groups).double(), z.reshape(out_f, n_groups).double()
-        perm = torch.argsort(diag, descending=True)
+        s, z = _static_qparams(w, dead, bits, group_size, clip_search)
+        scales, zeros = s.double(), z.double()
+        del s, z
     else:
         scales = torch.zeros(out_f, n_groups, dtype=torch.float64)
         zeros = torch.zeros_like(scales)
-        perm = torch.arange(in_f)
         block_size = max(block_size // group_size, 1) * group_size  # groups inside one block
-    del diag
-    trim_heap()  # the scale search's temporaries: the (I, I) buffer comes next
-    h = hessian(x, perm=perm)  # (I, I), rows and columns in visiting order
-    dead = dead[perm]
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     wt = w.detach().T[perm].to(torch.float64)  # (I, O) working copy, visiting order
-    wt[dead] = 0.0
-    hinv = _inverse_cholesky(h)
-    del h
+    wt[dead[perm]] = 0.0
     trim_heap()
     codes = _sweep(wt.numpy(), hinv.numpy(), perm.numpy(), scales.numpy(), zeros.numpy(), bits,
-                   group_size, block_size, None if act_order else clip_search)
-    del hinv, wt
+                   group_size, block_size, None if stats.act_order else clip_search)
+    del wt, hinv
+    stats.used()  # the last layer fed these inputs frees the (I, I) factor before packing
+    trim_heap()
     return torch.from_numpy(codes).T.contiguous(), scales.float(), zeros.float()
 
 
@@ -194,7 +332,8 @@ def _sweep(wt: np.ndarray, hinv: np.ndarray, perm: np.ndarray, scales: np.ndarra
             e = (wcol - (q - z) * s) / hinv1[i, i]  # (O,)
             w1[i:] -= np.outer(hinv1[i, i:], e)
             err1[i] = e
-        wt[i2:] -= hinv[i1:i2, i2:].T @ err1  # lazy batch update
+        for r in range(i2, in_f, 256):  # lazy batch update, 256 rows at a time (small temporary)
+            wt[r:r + 256] -= hinv[i1:i2, r:r + 256].T @ err1
     scales[...], zeros[...] = st.T, zt.T
     return codes
 
@@ -228,13 +367,14 @@ def quantize_gptq(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
     assert isinstance(config, GPTQConfig)
     bits, group = config.weights.bits, config.weights.group_size
 
-    def layer(name: str, module: nn.Linear, x: torch.Tensor | None) -> nn.Module:
-        assert x is not None
-        codes, scales, zeros = gptq_layer(module.weight, x, bits, group, config.damp,
-                                          config.act_order, config.block_size, config.clip_search)
+    def layer(name: str, module: nn.Linear, stats: HessianStats | None) -> nn.Module:
+        assert isinstance(stats, HessianStats)
+        codes, scales, zeros = gptq_from_stats(module.weight, stats, bits, group,
+                                               config.block_size, config.clip_search)
         return lowbit_from_codes(codes, scales, zeros, bits, module.bias)
 
-    return quantize_linears(model, config, ctx, layer, needs_data=True)
+    return quantize_linears(model, config, ctx, layer, needs_data=True,
+                            sink=lambda: HessianStats(config.damp, config.act_order))
 
 
-__all__ = ["gptq_layer", "hessian", "quantize_gptq"]
+__all__ = ["HessianStats", "gptq_from_stats", "gptq_layer", "hessian", "quantize_gptq"]

@@ -50,7 +50,7 @@ class _Captured(Exception):
 
 
 def capture_runs(runs: list[Run], layer: nn.Module, followers: list[tuple[str, nn.Module]],
-                 name: str, stop: bool = True) -> tuple[torch.Tensor, list[str]]:
+                 name: str, stop: bool = True, sink: Any = None) -> tuple[Any, list[str]]:
     """Inputs of ``layer`` over ``runs`` (padding dropped), and the followers fed the same tensor.
 
     A follower shares the input when, on every run, its forward receives the very tensor object
@@ -59,13 +59,19 @@ def capture_runs(runs: list[Run], layer: nn.Module, followers: list[tuple[str, n
     change it. The forward stops there (``stop``), or right after ``layer`` when no follower is
     given.
 
+    With a ``sink`` (an object with ``add(rows (n, in_features) float32)``, e.g. GPTQ's
+    :class:`~netpress.quantize.gptq.HessianStats`) each run's rows are handed to it as they are
+    seen and never stacked: the inputs are not held whole (MiniLM's FFN output layer: 15 MiB).
+
     Returns:
-        ``(inputs (N, in_features) float32, names of the sharing followers in call order)``.
+        ``(inputs (N, in_features) float32, or the sink, names of the sharing followers in call
+        order)``.
 
     Raises:
         DataError: no run reached the layer, or its inputs hold NaN/Inf (the layer is named).
     """
     rows: list[torch.Tensor] = []
+    n_seen, finite = [0], [True]
     mask_now: list[torch.Tensor | None] = [None]
     seen: list[Any] = [None, 0, []]  # the tensor layer got, its _version, followers sharing it
     names = {id(m): n for n, m in followers}
@@ -77,7 +83,14 @@ def capture_runs(runs: list[Run], layer: nn.Module, followers: list[tuple[str, n
         mask = mask_now[0]
         if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
             x = x[mask.bool()]  # (tokens, I)
-        rows.append(x.reshape(-1, x.shape[-1]))
+        x = x.reshape(-1, x.shape[-1])
+        n_seen[0] += 1
+        if sink is None:
+            rows.append(x)
+        else:
+            finite[0] = finite[0] and bool(torch.isfinite(x).all())
+            sink.add(x)
+        del x
         seen[0], seen[1] = args[0], args[0]._version
         if stop and not followers:
             raise _Captured
@@ -105,14 +118,17 @@ def capture_runs(runs: list[Run], layer: nn.Module, followers: list[tuple[str, n
     finally:
         for h in handles:
             h.remove()
-    if not rows:
+        seen[0] = mask_now[0] = None  # the last run's tensors
+    if not n_seen[0]:
         raise DataError(f"quantize layer {name}", got="no calibration input reached it",
                         expected="calibration batches whose forward uses this layer",
                         fix="pass calibration data for this model, or add the layer to `ignore`")
-    n_rows = len(rows)
-    x = _stack_rows(rows)  # empties rows
+    n_rows = n_seen[0]
+    x = _stack_rows(rows) if sink is None else sink  # empties rows
+    if sink is None:
+        finite[0] = bool(torch.isfinite(x).all())
     trim_heap()  # the forwards' activations, freed: the layer's own work starts from a lean heap
-    if not bool(torch.isfinite(x).all()):
+    if not finite[0]:
         raise DataError(f"quantize layer {name}", got="NaN/Inf in its calibration inputs",
                         expected="finite activations",
                         fix="check the calibration data (and earlier layers) for NaN/Inf")
@@ -155,6 +171,54 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+def release_file_pages(t: torch.Tensor) -> int:
+    """Unmap the clean file-backed pages under ``t`` from this process; returns the bytes released.
+
+    A model loaded from safetensors (transformers, the zoo) holds its weights in a private
+    memory map of the file: a weight becomes resident (counted in RSS) once read and stays so
+    while the mapping lives, i.e. as long as any other weight of the file is alive, even after the
+    layer was replaced by its quantized version. The sequential methods call this on each float
+    weight they have replaced (MiniLM: 40 MiB of Linear weights over the stage).
+
+    Only whole pages inside ``t`` that ``/proc/self/pagemap`` reports present and file-backed (not
+    written: a written page of a private map is anonymous) are dropped, with
+    ``madvise(MADV_DONTNEED)``: such a page holds exactly the file's bytes, so a later read of
+    ``t`` maps the same bytes again (from the page cache or the file), whoever still refers to it.
+    Anonymous memory (a copied or modified weight) is never touched. A no-op (0) off Linux.
+
+    Example:
+        >>> release_file_pages(torch.zeros(1000))  # anonymous memory: nothing to release
+        0
+    """
+    import mmap
+
+    import numpy as np
+
+    libc = _libc()
+    if libc is None or t.device.type != "cpu" or not t.is_contiguous() or not t.numel():
+        return 0
+    page = mmap.PAGESIZE
+    start = t.data_ptr()
+    lo, hi = -(-start // page) * page, (start + t.numel() * t.element_size()) // page * page
+    if hi <= lo:
+        return 0
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(lo // page * 8)
+            flags = np.frombuffer(f.read((hi - lo) // page * 8), dtype=np.uint64)
+    except OSError:  # pragma: no cover - no pagemap (not Linux, or restricted)
+        return 0
+    if len(flags) != (hi - lo) // page:  # pragma: no cover - short read
+        return 0
+    clean = ((flags >> np.uint64(63)) & (flags >> np.uint64(61)) & np.uint64(1)).astype(bool)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], clean.astype(np.int8), [0]))))
+    released = 0
+    for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):  # runs of clean pages
+        if libc.madvise(lo + a * page, (b - a) * page, 4) == 0:  # MADV_DONTNEED
+            released += (b - a) * page
+    return released
+
+
 @functools.lru_cache(maxsize=1)
 def _libc() -> Any:
     import ctypes
@@ -168,6 +232,7 @@ def _libc() -> Any:
     if libc is None or not hasattr(libc, "malloc_trim"):  # musl, macOS: nothing to trim
         return None
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
@@ -293,4 +358,4 @@ class BlockCache:
                 for (a, k), b in zip(self.inputs, self.batches, strict=True)]
 
 
-__all__ = ["BlockCache", "Run", "capture_runs", "model_runs", "trim_heap"]
+__all__ = ["BlockCache", "Run", "capture_runs", "model_runs", "release_file_pages", "trim_heap"]

@@ -46,6 +46,7 @@ from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import DataError, RecipeError
 from netpress.core.targeting import select
 from netpress.quantize.qscheme import check_finite
+from netpress.quantize.sequential import release_file_pages
 
 
 class LowBitWeights(BaseModel):
@@ -154,9 +155,13 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int, search: bool = True
 def lowbit_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                       bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
                       rows: int = 64) -> nn.Module:
-    """:meth:`LowBitLinear.from_codes <netpress.nn.lowbit.LowBitLinear.from_codes>`, the codes
-    packed ``rows`` output rows at a time: the same bytes, without the transient of packing the
-    whole matrix at once (it set the peak RSS of MiniLM GPTQ).
+    """:meth:`LowBitLinear.from_codes <netpress.nn.lowbit.LowBitLinear.from_codes>` with the codes
+    packed ``rows`` output rows at a time through uint8 bit planes (:func:`_pack_rows`): the same
+    bytes, with a transient of ``bits`` bytes per code of one slice, where the int64 bit planes
+    left tens of MiB of heap behind per MiniLM layer (they set the peak RSS of MiniLM GPTQ).
+
+    Raises:
+        ValueError: a code outside ``[0, 2**bits)`` (an internal error, as in ``pack``).
 
     Example:
         >>> import torch
@@ -168,17 +173,63 @@ def lowbit_from_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
         True
     """
     from netpress.nn.lowbit import LowBitLinear
+    from netpress.quantize.pack import pack
 
     assert rows > 0 and rows % 8 == 0
-    return LowBitLinear.from_codes(codes, scales, zeros, bits, bias, input_scale, rows=rows)
+    out_f, in_f = codes.shape
+    q = LowBitLinear(in_f, out_f, bias is not None, bits, in_f // scales.shape[1],
+                     input_scale is not None)
+    with torch.no_grad():
+        q.qweight = _pack_rows(codes, bits, rows)
+        q.scales = scales.to(torch.float32).contiguous()
+        q.qzeros = pack(zeros.to(torch.uint8), bits)
+        if bias is not None:
+            q.bias = nn.Parameter(bias.detach().to(torch.float32).clone())
+        if input_scale is not None:
+            q.input_scale = input_scale.to(torch.float32).clone()
+    return q
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """The bytes of ``pack(codes.to(uint8), bits)`` (little-endian bit stream), ``rows`` rows of
+    ``codes (O, I)`` at a time with uint8 bit planes and ``np.packbits``."""
+    import numpy as np
+
+    c = codes.detach().to(torch.uint8).numpy()
+    if c.size and (float(codes.min()) < 0 or float(codes.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    out_f, in_f = c.shape
+    out = np.empty(-(-out_f * in_f * bits // 8), dtype=np.uint8)
+    shifts = np.arange(bits, dtype=np.uint8)
+    for r0 in range(0, out_f, rows):
+        part = c[r0:r0 + rows].reshape(-1)
+        planes = (part[:, None] >> shifts) & 1  # (n, bits) uint8
+        start = r0 * in_f * bits // 8  # a byte boundary: r0 is a multiple of 8
+        packed = np.packbits(planes.reshape(-1), bitorder="little")
+        out[start:start + len(packed)] = packed
+        del planes, packed
+    return torch.from_numpy(out)
+
+
+def _unpack_rows(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The first ``numel`` codes of ``packed`` (uint8), as ``pack.unpack`` gives them, through
+    ``np.unpackbits`` (uint8 bit planes, not int64)."""
+    import numpy as np
+
+    planes = np.unpackbits(packed.numpy(), count=numel * bits, bitorder="little")
+    planes = planes.reshape(numel, bits)
+    codes = planes[:, 0].copy()
+    for k in range(1, bits):
+        codes |= planes[:, k] << np.uint8(k)
+    return torch.from_numpy(codes)
 
 
 def dequantized(q: nn.Module, rows: int = 64) -> torch.Tensor:
     """The float weight ``(O, I)`` of a ``LowBitLinear``, unpacked ``rows`` output rows at a time.
 
     Bit-identical to ``q.dequantized_weight()`` (same element-wise ops), without the transient of
-    unpacking the whole matrix at once (int64 bit planes: ~40 MiB for a 1536 x 384 layer) and
-    without touching ``q``'s own float cache.
+    unpacking the whole matrix at once and without touching ``q``'s own float cache; the codes
+    are unpacked through uint8 bit planes (:func:`_unpack_rows`).
 
     Example:
         >>> import torch.nn as nn
@@ -187,7 +238,7 @@ def dequantized(q: nn.Module, rows: int = 64) -> torch.Tensor:
         >>> torch.equal(dequantized(q, rows=8), q.dequantized_weight())
         True
     """
-    from netpress.quantize.pack import packed_numel, unpack
+    from netpress.quantize.pack import packed_numel
 
     assert rows > 0 and rows % 8 == 0
     out_f, in_f, g, bits = q.out_features, q.in_features, q.group_size, q.bits
@@ -196,7 +247,7 @@ def dequantized(q: nn.Module, rows: int = 64) -> torch.Tensor:
     for r0 in range(0, out_f, rows):
         n = min(rows, out_f - r0)
         start = r0 * in_f * bits // 8  # a byte boundary: r0 is a multiple of 8
-        codes = unpack(q.qweight[start:start + packed_numel(n * in_f, bits)], bits, n * in_f)
+        codes = _unpack_rows(q.qweight[start:start + packed_numel(n * in_f, bits)], bits, n * in_f)
         codes = codes.to(torch.float32).reshape(n, -1, g)
         w[r0:r0 + n] = ((codes - zeros[r0:r0 + n]) * q.scales[r0:r0 + n, :, None]).reshape(n, in_f)
     return w
@@ -240,7 +291,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-LayerFn = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
+#: ``(name, linear, its inputs (N, I) -- or the ``sink`` they were fed to -- or None) -> module``
+LayerFn = Callable[[str, nn.Linear, Any], nn.Module]
 
 
 #: calibration batches are run in slices of at most this many examples while capturing inputs
@@ -266,12 +318,15 @@ def _split(batches: list[Any], n: int) -> list[Any]:
 
 
 def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: list[Any],
-                layer_fn: LayerFn) -> dict[str, int]:
+                layer_fn: LayerFn, sink: Callable[[], Any] | None = None) -> dict[str, int]:
     """Quantize ``layers`` in order, each on its inputs with the earlier ones already quantized.
 
     Inputs come from the block cache when the model qualifies, else from whole-model forwards;
-    layers fed one tensor share a capture (:mod:`netpress.quantize.sequential`). ``layers`` is
-    emptied as it goes, so each float layer can be freed once replaced (peak memory).
+    layers fed one tensor share a capture (:mod:`netpress.quantize.sequential`). With ``sink``
+    (a factory), each capture feeds a fresh sink instead of stacking the inputs and ``layer_fn``
+    gets the sink. ``layers`` is emptied as it goes, so each float layer can be freed once
+    replaced, and the file pages of its weight are released (a memory-mapped model:
+    :func:`~netpress.quantize.sequential.release_file_pages`).
 
     Returns:
         How many captures each path took: ``{"block": n, "model": m}``.
@@ -284,11 +339,12 @@ def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: 
     counts = {"block": 0, "model": 0}
     twins: list[tuple[str, nn.Module]] = []  # quantized layers running as a _FloatTwin for now
 
-    def install(name: str, new: nn.Module) -> None:
+    def install(name: str, old: nn.Module, new: nn.Module) -> None:
         if isinstance(new, LowBitLinear):
             twins.append((name, new))
             new = _FloatTwin(new)
         _set_submodule(model, name, new)
+        release_file_pages(old.weight)  # the float weight is no longer the model's
         trim_heap()
 
     def settle(before_block: int | None) -> None:
@@ -308,18 +364,24 @@ def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: 
                 cache.advance_to(model, blk)
                 settle(cache.index)
                 followers = [(n, m) for n, m in pending if cache.block_of(n) == blk]
-                x, shared = capture_runs(cache.runs(), module, followers, name)
+                x, shared = capture_runs(cache.runs(), module, followers, name,
+                                         sink=sink and sink())
                 counts["block"] += 1
             else:
                 if cache is not None and cache.index >= 0:
                     cache = None  # a layer outside the blocks changed after their inputs were cached
-                x, shared = capture_runs(model_runs(model, batches), module, pending, name)
+                x, shared = capture_runs(model_runs(model, batches), module, pending, name,
+                                         sink=sink and sink())
                 counts["model"] += 1
-            install(name, layer_fn(name, module, x))
+            if hasattr(x, "expect_uses"):  # a sink that can free itself after its last layer
+                x.expect_uses(1 + len(shared))
+            install(name, module, layer_fn(name, module, x))
             del module
             for other in shared:  # fed the same tensor (e.g. q, k, v): same inputs
                 i = next(i for i, (n, _) in enumerate(pending) if n == other)
-                install(other, layer_fn(other, pending.pop(i)[1], x))
+                follower = pending.pop(i)[1]
+                install(other, follower, layer_fn(other, follower, x))
+                del follower
             del x
     finally:
         settle(None)
@@ -327,7 +389,8 @@ def _sequential(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: 
 
 
 def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContext,
-                     layer_fn: LayerFn, needs_data: bool) -> nn.Module:
+                     layer_fn: LayerFn, needs_data: bool, sink: Callable[[], Any] | None = None
+                     ) -> nn.Module:
     """Shared driver: select Linear layers, then quantize them one at a time in forward order.
 
     Args:
@@ -336,6 +399,8 @@ def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContex
         ctx: ``ctx.data`` (calibration batches) is required when ``needs_data``.
         layer_fn: ``(name, linear, inputs (N, I) or None) -> LowBitLinear``.
         needs_data: capture each layer's inputs (with earlier layers already quantized).
+        sink: a factory of input sinks (``add(rows)``): ``layer_fn`` gets the sink its inputs
+            were fed to, not the inputs (GPTQ: :class:`~netpress.quantize.gptq.HessianStats`).
 
     Raises:
         RecipeError: nothing to quantize, or a group size not dividing a layer's in_features.
@@ -366,10 +431,11 @@ def quantize_linears(model: nn.Module, config: _WeightOnlyBase, ctx: StageContex
     was_training = model.training
     model.eval()
     try:
-        captures = _sequential(model, layers, batches, layer_fn) if needs_data else {}
+        captures = _sequential(model, layers, batches, layer_fn, sink) if needs_data else {}
         while layers:
             name, module = layers.pop(0)
             _set_submodule(model, name, layer_fn(name, module, None))
+            release_file_pages(module.weight)
             del module
     finally:
         model.train(was_training)

@@ -10,7 +10,9 @@ high-water mark (``/proc/self/clear_refs``), runs the stage in place with 2 thre
 (the model itself included) beyond the libraries, against the bytes it was given. The ratio
 against the RSS before the model's code was imported (``ratio_before_model_code``) is reported
 too. MiniLM's weights are memory-mapped from its safetensors file by transformers: they become
-resident (file-backed pages, counted in RSS) as the stage first reads them.
+resident (file-backed pages, counted in RSS) as the stage first reads them; the sequential
+methods unmap the clean pages of each float weight they replace
+(:func:`netpress.quantize.sequential.release_file_pages`; the page cache keeps them).
 
 Example:
     >>> from netpress.reliability.memory import peak_rss  # doctest: +SKIP
@@ -127,6 +129,7 @@ def run_memory() -> Section:
             section.check(f"{stage} {method}: {r['status']}" if r["status"] != "not available yet"
                           else None)
             continue
+        unmapped = "; the clean pages of each float weight replaced are unmapped"
         mb = {k: r[k] / 2**20 for k in ("imports", "tokenizer", "base", "loaded", "peak", "model",
                                         "data")}
         section.notes.append(
@@ -135,7 +138,8 @@ def run_memory() -> Section:
             f"{', reset after loading' if r['hwm_reset'] else ''}); after imports "
             f"{mb['imports']:.0f} MiB, + tokenizer {mb['tokenizer']:.0f} MiB, + the model's code "
             f"(transformers BertModel) {mb['base']:.0f} MiB (base), + data and model "
-            f"{mb['loaded']:.0f} MiB (weights memory-mapped, resident once read); model "
+            f"{mb['loaded']:.0f} MiB (weights memory-mapped, resident once read"
+            f"{unmapped if stage == 'quantize' else ''}); model "
             f"{mb['model']:.1f} MiB + calibration {mb['data']:.2f} MiB -> (peak - base) / "
             f"(model + data) = {r['ratio']:.2f}x (target < 2x; "
             f"{r['ratio_before_model_code']:.2f}x counting the model's code as the job's); the "
