@@ -183,9 +183,11 @@ def kd_recover(student: nn.Module, teacher: nn.Module, images: Sequence[torch.Te
     features = features or {}
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
+    teacher_was = teacher.training
     teacher = teacher.to(dev).eval()
     student = student.to(dev).train()
-    for p in teacher.parameters():
+    frozen = [(p, p.requires_grad) for p in teacher.parameters()]
+    for p, _ in frozen:  # restored at the end: the caller's model keeps its trainable flags
         p.requires_grad_(False)
     s_store, s_handles = _taps(student, list(features))
     t_store, t_handles = _taps(teacher, [t for t, _ in features.values()])
@@ -242,7 +244,9 @@ def kd_recover(student: nn.Module, teacher: nn.Module, images: Sequence[torch.Te
         for h in s_handles + t_handles:
             h.remove()
         student.to("cpu").eval()
-        teacher.to("cpu")
+        teacher.to("cpu").train(teacher_was)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
     return {"steps": total[0], "seconds": time.perf_counter() - t0, "loss": losses, "kd": kd_v,
             "feat": feat_v}
 
