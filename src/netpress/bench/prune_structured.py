@@ -53,7 +53,7 @@ KD_SECONDS = 480.0  # time budget of the KD run (the steps that ran are reported
 #: with them)
 EXTRA_IMAGES = ("brick", "camera", "cell", "clock", "coins", "colorwheel", "grass", "gravel",
                 "horse", "logo", "moon", "page", "text")
-MSE_EPOCHS = 2  # MiniLM recovery epochs over the training sentences
+MSE_EPOCHS = 1  # MiniLM recovery epochs over the training sentences
 
 
 def _onnx_latency(models: dict[str, nn.Module], example: Batch, d: Path, rounds: int,
