@@ -10,6 +10,7 @@ from netpress.api import apply
 from netpress.core.data import as_batches
 from netpress.core.errors import ModelError, RecipeError
 from netpress.distill import (
+    DistillConfig,
     FeatureTaps,
     build_adapters,
     derive_student,
@@ -128,3 +129,15 @@ def test_distill_stage_derived_student_and_sparsity_kept():
     assert int((rec[2].weight == 0).sum()) == zeros  # pruned weights stay pruned
     with pytest.raises(RecipeError, match="feature_kd"):
         apply("distill", teacher, {"method": "feature_kd"}, data=(X, y))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_distill_device_cuda_without_cuda_is_a_recipe_error_and_cpu_is_the_default():
+    assert DistillConfig().train_config().device == "cpu"
+    teacher = nn.Sequential(nn.Linear(4, 3))
+    student = nn.Sequential(nn.Linear(4, 3))
+    X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(RecipeError, match="cuda"):
+        distill(student, teacher, as_batches((X, y), batch_size=8), DistillConfig(device="cuda", epochs=1))
+    with pytest.raises(ValueError):
+        DistillConfig(device="gpu")

@@ -72,13 +72,13 @@ def augment_batch(batch: Batch, config: AugmentConfig,
         s = torch.randint(-config.shift, config.shift + 1, (len(dims),), generator=gen).tolist()
         x = torch.roll(x, tuple(s), dims=dims)
     if config.noise:
-        x = x + config.noise * x.std() * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        x = x + config.noise * x.std() * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     mix = None
     if config.mixup:
         n = x.shape[0]
         beta = torch.distributions.Beta(config.mixup, config.mixup)
-        lam = beta.sample((n,)).to(x.dtype)  # (B,) (Beta sampling uses the global RNG)
-        perm = torch.randperm(n, generator=gen)
+        lam = beta.sample((n,)).to(x.device, x.dtype)  # (B,) (Beta sampling uses the global RNG)
+        perm = torch.randperm(n, generator=gen).to(x.device)
         view = (n,) + (1,) * (x.dim() - 1)
         x = lam.view(view) * x + (1 - lam.view(view)) * x[perm]
         mix = (lam, perm)

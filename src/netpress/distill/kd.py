@@ -65,6 +65,8 @@ class DistillConfig(TechniqueConfig):
             teacher and student see the same perturbed batch.
         epochs, lr, optimizer, weight_decay, max_steps, seed: the training run.
         checkpoint_dir, checkpoint_every: resumable training (see :class:`TrainConfig`).
+        device: where teacher and student train (``cpu``, ``cuda``, ``cuda:N``, ``auto``; see
+            :class:`TrainConfig`); the student comes back on the CPU.
     """
 
     method: Literal["kd", "feature_kd"] = "kd"
@@ -88,6 +90,7 @@ class DistillConfig(TechniqueConfig):
     seed: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(default=50, ge=1)
+    device: str = Field(default="cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$")
 
     @model_validator(mode="after")
     def _features_match_method(self) -> DistillConfig:
@@ -101,7 +104,7 @@ class DistillConfig(TechniqueConfig):
         return TrainConfig(epochs=self.epochs, lr=self.lr, optimizer=self.optimizer,
                            weight_decay=self.weight_decay, max_steps=self.max_steps,
                            seed=self.seed, checkpoint_dir=self.checkpoint_dir,
-                           checkpoint_every=self.checkpoint_every)
+                           checkpoint_every=self.checkpoint_every, device=self.device)
 
 
 def _loss_kind(config: DistillConfig, out: torch.Tensor, task: str | None) -> str:
@@ -184,7 +187,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any,
             return loss
 
         params = [*student.parameters(), *adapters.parameters()]
-        result = fine_tune(student, batches, config.train_config(), loss_fn, cbs, params=params)
+        result = fine_tune(student, batches, config.train_config(), loss_fn, cbs, params=params,
+                           companions=[teacher])
     return student.eval(), result
 
 

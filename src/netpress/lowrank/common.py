@@ -57,7 +57,7 @@ def recover(model: nn.Module, ctx: StageContext, finetune: TrainConfig | None,
 
         cfg = DistillConfig(epochs=finetune.epochs, lr=finetune.lr, optimizer=finetune.optimizer,
                             max_steps=finetune.max_steps, seed=finetune.seed, alpha=1.0,
-                            checkpoint_dir=finetune.checkpoint_dir)
+                            checkpoint_dir=finetune.checkpoint_dir, device=finetune.device)
         _, result = distill(model, ctx.original, data, cfg, task=advanced.get("task"))
     return {"finetune_steps": result.steps, "finetune_losses": [round(v, 5) for v in result.losses]}
 

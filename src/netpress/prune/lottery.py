@@ -28,7 +28,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from netpress.core.config import StageContext, TechniqueConfig, register
-from netpress.prune.schedule import finetune_loss, magnitude_scores
+from netpress.prune.schedule import finetune_companions, finetune_loss, magnitude_scores
 from netpress.prune.scores import (
     MaskKeeper,
     apply_masks,
@@ -105,7 +105,7 @@ def train_masked(model: nn.Module, masks: dict[str, torch.Tensor], batches: list
     keeper = MaskKeeper([(n, mods[n]) for n in masks], list(masks.values()))
     keeper.apply()
     return fine_tune(model, batches, config, loss_fn=finetune_loss(ctx, batches),
-                     callbacks=[keeper]).losses
+                     callbacks=[keeper], companions=finetune_companions(ctx)).losses
 
 
 @register("prune", "lottery", LotteryPruneConfig,
@@ -135,7 +135,8 @@ def prune_lottery(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
     if config.rewind_steps:
         early = config.finetune.model_copy(update={"max_steps": config.rewind_steps,
                                                    "cosine_decay": False})
-        fine_tune(model, batches, early, loss_fn=finetune_loss(ctx, batches))
+        fine_tune(model, batches, early, loss_fn=finetune_loss(ctx, batches),
+                  companions=finetune_companions(ctx))
         rewind_state = copy.deepcopy(model.state_dict())
     history = []
     frac = per_round_fraction(config.sparsity, config.rounds)

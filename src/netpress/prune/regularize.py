@@ -37,7 +37,7 @@ from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import RecipeError
 from netpress.core.targeting import select
 from netpress.prune.magnitude import keep_masks, prune_count
-from netpress.prune.schedule import finetune_loss, magnitude_scores
+from netpress.prune.schedule import finetune_companions, finetune_loss, magnitude_scores
 from netpress.prune.scores import (
     DEFAULT_TARGETS,
     MaskKeeper,
@@ -161,7 +161,8 @@ def _handler(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn
                 if isinstance(getattr(m, "weight", None), torch.Tensor)]
     keeper = MaskKeeper(weighted, [m.weight.detach() != 0 for _, m in weighted])
     result = fine_tune(model, batches, config.finetune, loss_fn=finetune_loss(ctx, batches),
-                       callbacks=[Penalty(config.method, config.penalty, modules), keeper])
+                       callbacks=[Penalty(config.method, config.penalty, modules), keeper],
+                       companions=finetune_companions(ctx))
     extra = {"penalty": config.penalty, "steps": result.steps,
              "losses": [round(x, 5) for x in result.losses]}
     if config.method == "l1":

@@ -115,6 +115,12 @@ def finetune_loss(ctx: StageContext, batches: list[Batch]) -> Callable[[nn.Modul
     return loss
 
 
+def finetune_companions(ctx: StageContext) -> list[nn.Module]:
+    """The modules :func:`finetune_loss` may run besides the model (the original, for KL): passed
+    as ``fine_tune(..., companions=...)`` so they follow the model to its device."""
+    return [ctx.original] if ctx.original is not None else []
+
+
 def run_gradual(model: nn.Module, config: Any, ctx: StageContext, method: str = "magnitude",
                 score_fn: ScoreFn | None = None) -> nn.Module:
     """Prune ``model`` gradually along the cubic schedule while fine-tuning it, in place.
@@ -152,7 +158,8 @@ def run_gradual(model: nn.Module, config: Any, ctx: StageContext, method: str = 
     events = event_steps(total, config.prune_end, config.prune_steps)
     pruner = GradualPruner(modules, float(config.sparsity), float(config.initial_sparsity),
                            events, config.prune_steps, config.scope, score_fn)
-    result = fine_tune(model, batches, ft, loss_fn=finetune_loss(ctx, batches), callbacks=[pruner])
+    result = fine_tune(model, batches, ft, loss_fn=finetune_loss(ctx, batches), callbacks=[pruner],
+                       companions=finetune_companions(ctx))
     if not pruner.history or pruner.history[-1][1] != round(float(config.sparsity), 6):
         pruner.prune(config.prune_steps, result.steps)  # too few steps: reach the target anyway
     layers = apply_masks(modules, pruner.masks)

@@ -391,7 +391,7 @@ class MaskKeeper:
         for (_, module), keep in zip(self.modules, self.masks, strict=True):
             g = module.weight.grad
             if g is not None:
-                g.mul_(keep.to(g.dtype))
+                g.mul_(keep.to(g.device, g.dtype))
 
     def on_step_end(self, step: int, model: nn.Module, loss: float) -> None:
         self.apply()  # Adam's momentum / weight decay may move zeros: put them back
