@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +13,8 @@ import torch
 from netpress.core.errors import RecipeError
 from netpress.train import TrainConfig, fine_tune, read_checkpoint
 from netpress.train.distributed import setup
+from torchrun_util import clean_env, free_port, load_worker
+from torchrun_util import torchrun as torchrun_path
 
 WORKER = textwrap.dedent('''
     import os, signal, sys
@@ -55,42 +54,14 @@ WORKER = textwrap.dedent('''
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(tmp_path):
-    path = tmp_path / "worker.py"
-    path.write_text(WORKER)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import importlib
-
-        mod = importlib.import_module("worker")
-        importlib.reload(mod)
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("worker", None)
-    return path, mod
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_two_process_ddp_matches_one_process(tmp_path):
-    path, mod = _worker(tmp_path)
+    path, mod = load_worker(tmp_path, "worker", WORKER)
     model, batches = mod.problem()
     fine_tune(model, batches, TrainConfig(epochs=3, lr=0.05, optimizer="sgd"))
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    torchrun = torchrun_path()
     cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(path), str(tmp_path / "ddp.pt"), "0", ""]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+           f"--master_port={free_port()}", str(path), str(tmp_path / "ddp.pt"), "0", ""]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert got["world"] == 2
@@ -101,13 +72,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 
 def test_torchrun_one_process_joins_a_gloo_group(tmp_path):
     """torchrun --nproc_per_node=1 trains through DDP (gloo on CPU) and equals the plain run."""
-    path, mod = _worker(tmp_path)
+    path, mod = load_worker(tmp_path, "worker", WORKER)
     model, batches = mod.problem()
     fine_tune(model, batches, TrainConfig(epochs=3, lr=0.05, optimizer="sgd"))
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    torchrun = torchrun_path()
     cmd = [torchrun, "--nproc_per_node=1", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(path), str(tmp_path / "one.pt"), "0", ""]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+           f"--master_port={free_port()}", str(path), str(tmp_path / "one.pt"), "0", ""]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = torch.load(tmp_path / "one.pt", weights_only=True)
     assert got["world"] == 1 and got["backend"] == "gloo"
@@ -116,10 +87,10 @@ def test_torchrun_one_process_joins_a_gloo_group(tmp_path):
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):
-    path, mod = _worker(tmp_path)
+    path, mod = load_worker(tmp_path, "worker", WORKER)
     ckpt = tmp_path / "ckpt"
     proc = subprocess.run([sys.executable, str(path), str(tmp_path / "x.pt"), "10", str(ckpt)],
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9  # SIGKILLed at step 10
     assert not (tmp_path / "x.pt").exists()
     assert read_checkpoint(ckpt)["step"] == 8  # checkpoint_every=4: steps 10 - 8 are lost
@@ -143,7 +114,7 @@ def test_missing_rendezvous_is_a_clear_error(monkeypatch):
     with pytest.raises(RecipeError, match="MASTER_ADDR"):
         setup()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     t0 = time.monotonic()
     with pytest.raises(RecipeError, match="join"):
         setup(timeout_s=2.0)  # the second rank never comes: an error, not a hang

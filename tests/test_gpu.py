@@ -5,10 +5,8 @@ Skipped without CUDA (CI has no GPU); run on a GPU machine with ``pytest -q test
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +19,8 @@ import torch.nn.functional as F
 from netpress.core.data import as_batches
 from netpress.core.errors import ModelError
 from netpress.train import KeepSparsity, TrainConfig, fine_tune, read_checkpoint
+from torchrun_util import clean_env, free_port, load_worker
+from torchrun_util import torchrun as torchrun_path
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.usefixtures("one_thread")]
@@ -143,42 +143,14 @@ def test_keep_sparsity_and_extra_params_on_cuda():
     assert adapter.weight.device.type == "cpu" and not torch.equal(adapter.weight, before)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(tmp_path):
-    path = tmp_path / "gpu_worker.py"
-    path.write_text(WORKER)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import importlib
-
-        mod = importlib.import_module("gpu_worker")
-        importlib.reload(mod)
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("gpu_worker", None)
-    return path, mod
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_torchrun_one_process_nccl_matches_plain_cuda(tmp_path):
-    path, mod = _worker(tmp_path)
+    path, mod = load_worker(tmp_path, "gpu_worker", WORKER)
     model, batches = mod.problem()
     fine_tune(model, batches, mod.config("", "cuda"))
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    torchrun = torchrun_path()
     cmd = [torchrun, "--nproc_per_node=1", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(path), str(tmp_path / "ddp.pt"), "0", "", "cuda"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+           f"--master_port={free_port()}", str(path), str(tmp_path / "ddp.pt"), "0", "", "cuda"]
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert got["backend"] == "nccl" and got["world"] == 1 and got["device"] == "cpu"
@@ -187,10 +159,10 @@ def test_torchrun_one_process_nccl_matches_plain_cuda(tmp_path):
 
 
 def test_killed_gpu_run_resumes_on_gpu_and_on_cpu(tmp_path):
-    path, mod = _worker(tmp_path)
+    path, mod = load_worker(tmp_path, "gpu_worker", WORKER)
     ckpt = tmp_path / "ckpt"
     proc = subprocess.run([sys.executable, str(path), str(tmp_path / "x.pt"), "10", str(ckpt), "cuda"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     raw = torch.load(ckpt / "checkpoint.pt", weights_only=True)  # no map_location: as written
     assert raw["step"] == 8 and "cuda_rng" in raw
@@ -218,10 +190,10 @@ def test_killed_gpu_run_resumes_on_gpu_and_on_cpu(tmp_path):
 
 
 def test_cpu_checkpoint_resumes_on_gpu(tmp_path):
-    path, mod = _worker(tmp_path)
+    path, mod = load_worker(tmp_path, "gpu_worker", WORKER)
     ckpt = tmp_path / "ckpt"
     proc = subprocess.run([sys.executable, str(path), str(tmp_path / "x.pt"), "10", str(ckpt), "cpu"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     model, batches = mod.problem()
     res = fine_tune(model, batches, mod.config(str(ckpt), "cuda"))
