@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -29,8 +30,8 @@ def pack(codes: torch.Tensor, bits: int, chunk: int = 1 << 16) -> torch.Tensor:
     """Pack unsigned integer ``codes`` (any shape, values < 2**bits) into a flat uint8 tensor.
 
     Codes are packed ``chunk`` at a time (a multiple of 8, so every chunk ends on a byte
-    boundary): the bit planes cost ~8 x bits bytes per code, so packing a whole matrix at once
-    would be a transient of tens of MiB for one MiniLM layer.
+    boundary): the uint8 bit planes cost ``bits`` bytes per code, so packing a whole matrix at
+    once would be a transient of MiB per MiniLM layer.
 
     Raises:
         ValueError: ``bits`` outside 1..8 or a code out of range (an internal error: callers
@@ -38,8 +39,8 @@ def pack(codes: torch.Tensor, bits: int, chunk: int = 1 << 16) -> torch.Tensor:
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    flat = codes.reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+    flat = codes.detach().reshape(-1)
+    if flat.numel() and (float(flat.min()) < 0 or float(flat.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     if bits == 8:
         return flat.to(torch.uint8)
@@ -50,14 +51,11 @@ def pack(codes: torch.Tensor, bits: int, chunk: int = 1 << 16) -> torch.Tensor:
 
 
 def _pack_bits(flat: torch.Tensor, bits: int) -> torch.Tensor:
-    # bit planes: (N, bits) little-endian bits of every code, then 8 bits -> 1 byte
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bitplanes = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)  # (N*bits,)
-    pad = (-bitplanes.numel()) % 8
-    if pad:
-        bitplanes = torch.cat([bitplanes, bitplanes.new_zeros(pad)])
-    weights = 1 << torch.arange(8, dtype=torch.int64)
-    return (bitplanes.reshape(-1, 8) * weights).sum(1).to(torch.uint8)  # (ceil(N*bits/8),)
+    # uint8 bit planes (N, bits): little-endian bits of every code, 8 bits -> 1 byte (np.packbits;
+    # int64 planes left tens of MiB of heap behind per MiniLM layer)
+    c = flat.to(torch.uint8).cpu().numpy()
+    planes = (c[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))  # ceil(N*bits/8)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -68,11 +66,12 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         raise ValueError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
     if bits == 8:
         return packed.reshape(-1)[:numel].to(torch.uint8)
-    raw = packed.reshape(-1).to(torch.int64)
-    bitplanes = ((raw.unsqueeze(1) >> torch.arange(8, dtype=torch.int64)) & 1).reshape(-1)
-    bitplanes = bitplanes[: numel * bits].reshape(numel, bits)  # (N, bits)
-    weights = 1 << torch.arange(bits, dtype=torch.int64)
-    return (bitplanes * weights).sum(1).to(torch.uint8)
+    raw = packed.detach().reshape(-1).cpu().numpy()
+    planes = np.unpackbits(raw, count=numel * bits, bitorder="little").reshape(numel, bits)
+    codes = planes[:, 0].copy()
+    for k in range(1, bits):
+        codes |= planes[:, k] << np.uint8(k)
+    return torch.from_numpy(codes)
 
 
 __all__ = ["pack", "unpack", "packed_numel"]
