@@ -109,6 +109,28 @@ def _snap(per_block: dict[str, float], sizes: dict[str, int], sparsity: float,
     return {b: min(k[b], grid - 1) / grid for b in keys}
 
 
+def type_sparsities(spars: dict[str, float], modules: Sequence[tuple[str, nn.Module]],
+                    per_type: dict[str, float], where: str) -> dict[str, float]:
+    """``spars`` with each layer matching a pattern of ``per_type`` set to that fraction (patterns
+    as ``targets``: a module name, a class name or ``re:REGEX``; the first match wins).
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> type_sparsities({"a.q": 0.5, "a.v": 0.5}, [("a.q", lin), ("a.v", lin)],
+        ...                 {"re:.*\\.q": 0.7}, "demo")
+        {'a.q': 0.7, 'a.v': 0.5}
+    """
+    from netpress.core.targeting import matches
+
+    out = dict(spars)
+    by_name = dict(modules)
+    for name in out:
+        hit = next((f for pat, f in per_type.items()
+                    if matches(name, by_name[name], pat, where)), None)
+        out[name] = out[name] if hit is None else hit
+    return out
+
+
 def layer_sparsities(
     model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batches: Sequence[Batch],
     sparsity: float, lam: float, m: float,
@@ -140,4 +162,5 @@ def layer_sparsities(
     return {name: per_block.get(block_of(name), sparsity) for name, _ in modules}
 
 
-__all__ = ["OWLFields", "block_of", "layer_sparsities", "outlier_ratio", "owl_sparsities"]
+__all__ = ["OWLFields", "block_of", "layer_sparsities", "outlier_ratio", "owl_sparsities",
+           "type_sparsities"]

@@ -40,10 +40,9 @@ from pydantic import Field, model_validator
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import RecipeError
 from netpress.core.progress import track
-from netpress.core.targeting import matches
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
-from netpress.prune.owl import OWLFields, layer_sparsities
+from netpress.prune.owl import OWLFields, layer_sparsities, type_sparsities
 from netpress.prune.scores import (
     calibration_data,
     masks_from_scores,
@@ -457,11 +456,7 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
     start = time.perf_counter()
     spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
                              config.owl_lambda, config.owl_m)
-    by_model0 = dict(modules)
-    for name in spars:  # per-type fractions: the first matching pattern wins
-        hit = next((f for pat, f in config.type_sparsity.items()
-                    if matches(name, by_model0[name], pat, "prune.sparsegpt.type_sparsity")), None)
-        spars[name] = spars[name] if hit is None else hit
+    spars = type_sparsities(spars, modules, config.type_sparsity, "prune.sparsegpt.type_sparsity")
     corrections = {}
     steps = sequential_runs(model, modules, batches)
     dense_steps = None

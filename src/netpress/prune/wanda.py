@@ -18,6 +18,14 @@ layer Hessian (sequential; then it is no longer "pruning without weight update")
 that reach it through the pruned model (the mean output shift removed; MiniLM 50%, 192 held-out
 sentences: cosine 0.8736 -> 0.8930, 2:4 0.7501 -> 0.7883).
 
+Training-free mask options (the kept weights keep their dense values, :mod:`netpress.prune.wanda_mask`):
+``score: ria`` ranks by RIA's relative importance instead of ``|w|·‖x‖``; ``mask_refine: K`` (implies
+sequential) then swaps up to ``K`` pruned/kept pairs per row while the row's reconstruction error
+``dᵀ C d`` falls (a DSnoT-style search on the exact quadratic error); ``type_sparsity`` sets the
+fraction per layer type. ``target: dense`` (sequential, a dense copy alongside) makes the mask
+search and the bias correction aim at the *dense model's* outputs, and ``refit_norms`` then refits
+each LayerNorm after a pruned layer to them (closed form; touches norms and biases only).
+
 Example:
     >>> import torch, torch.nn as nn, netpress
     >>> _ = torch.manual_seed(0)
@@ -30,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -40,7 +49,7 @@ from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.errors import RecipeError
 from netpress.prune.nm import check_nm_shape
 from netpress.prune.options import NMFields
-from netpress.prune.owl import OWLFields, layer_sparsities
+from netpress.prune.owl import OWLFields, layer_sparsities, type_sparsities
 from netpress.prune.scores import (
     apply_masks,
     calibration_data,
@@ -51,6 +60,7 @@ from netpress.prune.scores import (
     sequential_runs,
     summary,
 )
+from netpress.prune.wanda_mask import refine_mask, ria_score
 
 
 class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
@@ -64,6 +74,12 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
         update: ``none`` (Wanda: no weight update) or ``obs``: keep Wanda's mask but update the
             kept weights with SparseGPT's OBS sweep (implies sequential; ``damp`` as SparseGPT's).
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform).
+        score: ``wanda`` (``|w|·‖x‖``) or ``ria`` (relative importance · ``‖x‖^ria_alpha``).
+        mask_refine: swaps per row of the mask search (0 = off; implies sequential).
+        type_sparsity: ``{pattern: fraction}`` per layer type (first match wins), as SparseGPT's.
+        target: ``weights`` or ``dense`` (the mask search and bias correction fit the dense
+            model's outputs, from a dense copy run alongside; implies sequential).
+        refit_norms: with ``target: dense``, refit each LayerNorm after a pruned layer.
         max_batches: use at most this many calibration batches.
         targets / ignore: module patterns (default: Linear, Conv1d, Conv2d).
     """
@@ -74,6 +90,12 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
     bias_correction: bool = False
     update: Literal["none", "obs"] = "none"
     damp: float = Field(default=0.01, gt=0.0, le=1.0)
+    score: Literal["wanda", "ria"] = "wanda"
+    ria_alpha: float = Field(default=0.5, ge=0.0, le=2.0)
+    mask_refine: int = Field(default=0, ge=0, le=100000)
+    type_sparsity: dict[str, float] = Field(default_factory=dict)
+    target: Literal["weights", "dense"] = "weights"
+    refit_norms: bool = False
     max_batches: int | None = Field(default=None, ge=1)
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
@@ -86,9 +108,28 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
         if self.owl_lambda and (self.nm is not None or self.scope == "global"):
             raise ValueError("owl_lambda needs a fractional sparsity with scope row or layer "
                              "(N:M and global scope fix the per-layer fraction); set owl_lambda: 0")
-        if self.update == "obs" and self.scope == "global":
-            raise ValueError("update: obs prunes layer by layer; use scope: row or layer")
+        if self.scope == "global" and (self.update == "obs" or self.mask_refine
+                                       or self.target == "dense"):
+            raise ValueError("update: obs, mask_refine and target: dense work layer by layer; "
+                             "use scope: row or layer")
+        if self.refit_norms and self.target != "dense":
+            raise ValueError("refit_norms fits the dense model's LayerNorm outputs; "
+                             "it needs target: dense")
+        if self.type_sparsity and (self.nm is not None or self.owl_lambda
+                                   or self.scope == "global"):
+            raise ValueError("type_sparsity needs a fractional sparsity, scope row or layer and "
+                             "owl_lambda: 0")
+        bad = {k: v for k, v in self.type_sparsity.items() if not 0.0 <= v < 1.0}
+        if bad:
+            raise ValueError(f"type_sparsity fractions must be in [0, 1), got {bad}")
         return self
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether the layers are pruned one at a time from the pruned earlier layers."""
+        return self.scope != "global" and (
+            self.sequential or self.update == "obs" or self.mask_refine > 0
+            or self.target == "dense")
 
 
 def input_norms(
@@ -143,11 +184,18 @@ def correct_bias(model: nn.Module, modules: list[tuple[str, nn.Module]],
             bias.add_((delta @ mu).to(bias.dtype))
 
 
+def _score(w: torch.Tensor, norm: torch.Tensor, config: WandaPruneConfig) -> torch.Tensor:
+    """Importance of every weight (shaped like ``w``): Wanda's ``|w|·‖x‖`` or RIA's."""
+    if config.score == "ria":
+        return ria_score(w.reshape(w.shape[0], -1), norm, config.ria_alpha).reshape(w.shape)
+    return w.abs() * norm.reshape((1,) + tuple(w.shape[1:]))
+
+
 def _mask(module: nn.Module, norm: torch.Tensor, name: str, config: WandaPruneConfig,
           sparsity: float) -> torch.Tensor | None:
     """Keep-mask of one layer from its input norms (``None`` for global scope)."""
     w = module.weight.detach().to(torch.float32)
-    score = w.abs() * norm.reshape((1,) + tuple(w.shape[1:]))  # (out, in, *k)
+    score = _score(w, norm, config)  # (out, in, *k)
     if config.nm is None and config.scope == "row":
         return row_masks(score, sparsity)
     if config.nm is not None or config.scope == "layer":
@@ -156,32 +204,59 @@ def _mask(module: nn.Module, norm: torch.Tensor, name: str, config: WandaPruneCo
 
 
 def _sequential(model: nn.Module, modules: list[tuple[str, nn.Module]], batches: list,
-                config: WandaPruneConfig, spars: dict[str, float]) -> dict[str, dict[str, int]]:
-    """Layer by layer: norms (and ``XᵀX`` for ``update: obs``) from the inputs through the pruned
-    earlier layers, block-cached (:func:`netpress.prune.scores.sequential_runs`)."""
-    from netpress.prune.sparsegpt import layer_stats, sparsegpt_prune
+                config: WandaPruneConfig, spars: dict[str, float]) -> dict[str, dict]:
+    """Layer by layer: norms (and ``XᵀX`` for ``update: obs`` / ``mask_refine``) from the inputs
+    through the pruned earlier layers, block-cached (:func:`netpress.prune.scores.sequential_runs`);
+    with ``target: dense`` a dense copy runs alongside for the dense outputs."""
+    from netpress.prune.sparsegpt import (
+        _norms_after,
+        dense_target,
+        layer_stats,
+        refit_norm,
+        sparsegpt_prune,
+    )
 
-    layers = {}
+    layers: dict[str, dict] = {}
+    swaps: dict[str, int] = {}
+    dense_steps, ref_names = None, {}
+    if config.target == "dense":
+        ref = copy.deepcopy(model)
+        ref_names = dict(ref.named_modules())
+        dense_steps = sequential_runs(ref, [(n, ref_names[n]) for n, _ in modules], batches)
+    by_model = dict(model.named_modules())
+    norms_after = _norms_after(model, [n for n, _ in modules]) if config.refit_norms else {}
     for name, module, runs in sequential_runs(model, modules, batches):
-        st = layer_stats(runs, name, module)
+        ref_step = next(dense_steps) if dense_steps is not None else None
+        st = layer_stats(runs, name, module, *(ref_step[2], ref_step[1]) if ref_step else ())
         H, mean = st["H"], st["mean"]
+        mean_d = st.get("mean_dense", mean)
         norm = (torch.diag(H).clamp_min(0) * (int(st["n"]) / 2)).sqrt()  # ‖x_j‖₂ = sqrt(Σ x_j²)
         keep = _mask(module, norm, name, config, spars[name])
         assert keep is not None  # global scope never runs sequentially
         w = module.weight
         dense = w.detach().reshape(w.shape[0], -1).to(torch.float32)  # (out, in·k)
+        keep = keep.reshape(dense.shape)
+        C, G = H, st.get("G")
+        if config.bias_correction:  # the bias absorbs the mean: fit the centred outputs
+            C = H - 2 * torch.outer(mean, mean)
+            G = None if G is None else G - 2 * torch.outer(mean_d, mean)
+        goal = dense_target(dense, C, G, config.damp) if G is not None else dense
+        if config.mask_refine:
+            keep, swaps[name] = refine_mask(dense, goal, keep, C, config.mask_refine)
         if config.update == "obs":  # Wanda's mask, the kept weights updated as in SparseGPT
-            new, _ = sparsegpt_prune(dense, H, prune_mask=~keep.reshape(dense.shape),
-                                     damp=config.damp)
+            new, _ = sparsegpt_prune(goal, H, prune_mask=~keep, damp=config.damp)
         else:
-            new = dense.masked_fill(~keep.reshape(dense.shape), 0.0)
+            new = dense.masked_fill(~keep, 0.0)
         with torch.no_grad():
             w.copy_(new.reshape(w.shape).to(w.dtype))
             bias = getattr(module, "bias", None)
             if config.bias_correction and bias is not None:
-                bias.add_(((dense - new) @ mean).to(bias.dtype))
+                bias.add_((dense @ mean_d - new @ mean).to(bias.dtype))
         layers[name] = {"numel": w.numel(), "zeros": int((w == 0).sum())}
-    return layers
+        if config.refit_norms and ref_step is not None:
+            for ln_name in norms_after.get(name, []):
+                refit_norm(runs, ref_step[2], ln_name, by_model[ln_name], ref_names[ln_name])
+    return {"layers": layers, "swaps": swaps}
 
 
 @register("prune", "wanda", WandaPruneConfig,
@@ -207,11 +282,14 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
     if config.nm is not None:
         for name, m in modules:
             check_nm_shape(tuple(m.weight.shape), config.nm[1], name)
-    sequential = (config.sequential or config.update == "obs") and config.scope != "global"
+    sequential = config.layerwise
     spars = layer_sparsities(model, modules, batches, float(config.sparsity or 0.0),
                              config.owl_lambda, config.owl_m)
+    spars = type_sparsities(spars, modules, config.type_sparsity, "prune.wanda.type_sparsity")
+    swaps: dict[str, int] = {}
     if sequential:
-        layers = _sequential(model, modules, batches, config, spars)
+        res = _sequential(model, modules, batches, config, spars)
+        layers, swaps = res["layers"], res["swaps"]
     else:
         norms = input_norms(model, modules, batches)
         dense = {name: m.weight.detach().clone() for name, m in modules} \
@@ -225,7 +303,7 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
             mask = _mask(module, norms[name], name, config, spars[name])
             if mask is None:  # global scope: rank everything at once
                 w = module.weight.detach().to(torch.float32)
-                scores.append((name, w.abs() * norms[name].reshape((1,) + tuple(w.shape[1:]))))
+                scores.append((name, _score(w, norms[name], config)))
             else:
                 masks.append(mask)
         if scores:
@@ -235,7 +313,10 @@ def prune_wanda(model: nn.Module, config: TechniqueConfig, ctx: StageContext) ->
             correct_bias(model, modules, dense, batches)
     ctx.report["wanda"] = summary(layers, scope=config.scope, batches=len(batches),
                                   sequential=sequential, update=config.update,
-                                  layer_sparsity=spars if config.owl_lambda else None,
+                                  score=config.score, target=config.target,
+                                  mask_swaps=swaps or None,
+                                  layer_sparsity=spars if config.owl_lambda
+                                  or config.type_sparsity else None,
                                   nm=f"{config.n}:{config.m}" if config.nm else None)
     return model
 
