@@ -100,6 +100,62 @@ def mnist1d_arrays() -> Split:
     return _readonly(x_tr, y_tr, x_te, y_te)
 
 
+MNIST1D_SPLIT_SEED = 42  # the package default: the zoo's train / evaluation split
+
+
+@lru_cache(maxsize=2)
+def mnist1d_unlabeled(n: int, seed: int = 1) -> np.ndarray:
+    """``n`` extra MNIST-1D inputs, without labels: a transfer set for distillation.
+
+    Drawn by the same procedural generator as :func:`mnist1d_arrays` (``make_dataset`` with the
+    package's arguments) with another ``seed``, so none of them is one of the zoo's train /
+    evaluation examples; the generated labels are discarded here (a teacher labels the inputs).
+    The set is standardised by its own mean / std, as ``make_dataset`` does for the zoo split.
+    The global ``random`` / ``numpy.random`` state is saved and restored around the call.
+
+    Args:
+        n: number of inputs, a positive multiple of 10 (``make_dataset`` draws ``n // 10`` per
+            template).
+        seed: generator seed; must differ from the zoo split's seed (42).
+
+    Returns:
+        float32 ``(n, 1, 40)``, read-only.
+
+    Raises:
+        DataError: ``n`` is not a positive multiple of 10, ``seed`` is 42, or the ``mnist1d``
+            package is not installed.
+
+    Example:
+        >>> x = mnist1d_unlabeled(20, seed=1)
+        >>> x.shape, x.dtype.name
+        ((20, 1, 40), 'float32')
+    """
+    if n <= 0 or n % 10:
+        raise DataError("mnist1d_unlabeled(n)", got=n, expected="a positive multiple of 10",
+                        fix="round n to a multiple of 10 (n // 10 inputs per digit template)")
+    if seed == MNIST1D_SPLIT_SEED:
+        raise DataError("mnist1d_unlabeled(seed)", got=seed,
+                        expected=f"a seed other than {MNIST1D_SPLIT_SEED}",
+                        fix="pick another seed: 42 regenerates the zoo's own train / evaluation "
+                            "examples")
+    try:
+        import mnist1d.data
+    except ImportError as exc:
+        raise DataError("zoo data 'mnist1d'", got="package mnist1d missing",
+                        expected="the mnist1d package", fix="pip install mnist1d") from exc
+    args = mnist1d.data.get_dataset_args()
+    args.num_samples, args.train_split, args.seed = int(n), 1.0, int(seed)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        ds = mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    x = np.ascontiguousarray(np.asarray(ds["x"], dtype=np.float32)[:, None, :])  # (n, 1, 40)
+    x.flags.writeable = False
+    return x
+
+
 def _readonly(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> Split:
     out = []
     for a in (x_tr, y_tr, x_te, y_te):
@@ -338,6 +394,7 @@ __all__ = [
     "EVALUATION_PHOTOS",
     "digits_arrays",
     "mnist1d_arrays",
+    "mnist1d_unlabeled",
     "photo_sources",
     "sentences",
 ]
