@@ -52,7 +52,8 @@ def test_blockwise_moments_match_whole_model_passes():
     model = copy.deepcopy(original)
     data = _batches(3, 0)
     seq = SequentialMoments(model, original, NAMES, data)
-    assert seq.blocks == [f"bert.encoder.layer.{i}" for i in range(3)]
+    assert seq.caches is not None
+    assert [c.prefix for c in seq.caches] == ["bert.encoder.layer"] * 2
     for k, name in enumerate(NAMES):
         got = seq.moments(name)
         want = layer_moments(model, original, name, data)
@@ -126,3 +127,33 @@ def test_distill_device_choice():
         with pytest.raises(ModelError, match="cuda"):
             hidden_distill(student, teacher, data, HiddenDistillConfig(epochs=1, device="cuda"),
                            [name])
+
+
+def test_one_block_is_cached_and_unchained_blocks_fall_back():
+    original = _tiny_bert()
+    model = copy.deepcopy(original)
+    data = _batches(2, 7)
+    name = "bert.encoder.layer.1.output.dense"
+    seq = SequentialMoments(model, original, [name], data)  # one block: cached all the same
+    assert seq.caches is not None and seq.caches[0].index == -1
+    got = seq.moments(name)
+    assert seq.caches[0].index == 1 and seq.caches[1].index == 1
+    want = layer_moments(model, original, name, data)[0]  # float64 products there: round-off
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+    class Unchained(nn.Module):  # block i gets its own scale: the cache's flow check refuses
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for i, blk in enumerate(self.layers):
+                x = blk(x * (i + 1))
+            return x
+
+    net = Unchained()
+    plain = [Batch((torch.randn(5, 4),))]
+    seq = SequentialMoments(net, net, ["layers.0", "layers.1"], plain)
+    assert seq.caches is None
+    torch.testing.assert_close(seq.moments("layers.1")[0],
+                               layer_moments(net, net, "layers.1", plain)[0])

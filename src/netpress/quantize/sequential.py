@@ -259,17 +259,20 @@ class BlockCache:
         self.inputs: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     @classmethod
-    def build(cls, model: nn.Module, batches: list[Any], layer_names: list[str]
-              ) -> BlockCache | None:
-        """The ModuleList holding the most of ``layer_names`` (in >= 2 blocks), if its data flow
-        checks out on the first batch; else ``None``."""
+    def build(cls, model: nn.Module, batches: list[Any], layer_names: list[str],
+              min_blocks: int = 2) -> BlockCache | None:
+        """The ModuleList holding the most of ``layer_names`` (in >= ``min_blocks`` blocks), if
+        its data flow checks out on the first batch; else ``None``.
+
+        ``min_blocks=1`` also caches a single block's inputs: worth it when each layer is run
+        more than once (lowrank's :class:`~netpress.lowrank.sequential.SequentialMoments`)."""
         best: tuple[int, str, nn.ModuleList] | None = None
         for prefix, mod in model.named_modules():
             if not isinstance(mod, nn.ModuleList) or not prefix or len(mod) < 2:
                 continue
             hits = {n.split(".")[len(prefix.split("."))] for n in layer_names
                     if n.startswith(prefix + ".")}
-            if len(hits) >= 2 and (best is None or len(hits) > best[0]):
+            if len(hits) >= min_blocks and (best is None or len(hits) > best[0]):
                 best = (len(hits), prefix, mod)
         if best is None or not batches:
             return None
