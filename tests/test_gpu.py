@@ -202,3 +202,70 @@ def test_cpu_checkpoint_resumes_on_gpu(tmp_path):
     assert res.resumed_from == 8 and next(model.parameters()).device.type == "cpu"
     for k, v in ref.state_dict().items():
         assert torch.allclose(model.state_dict()[k], v, atol=1e-4), k
+
+
+# --------------------------------------------------------------- stages that fine-tune (stop 11)
+def _zero_fraction(model: nn.Module) -> float:
+    ws = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+def _accuracy(model: nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        right = sum(int((b.run(model).argmax(1) == b.target).sum()) for b in batches)
+    return right / sum(len(b.target) for b in batches)
+
+
+#: stage, recipe (``device`` filled in), whether the fine-tuning batches keep their labels
+#: (without: KL to the original, which must then follow the model as a companion)
+STAGES = {
+    "gradual": ("prune", {"method": "magnitude", "sparsity": 0.6, "schedule": "cubic",
+                          "prune_steps": 4, "finetune": {"epochs": 3, "lr": 3e-3}}, True),
+    "gradual_kl": ("prune", {"method": "magnitude", "sparsity": 0.6, "schedule": "cubic",
+                             "prune_steps": 4, "finetune": {"epochs": 3, "lr": 3e-3}}, False),
+    "lottery": ("prune", {"method": "lottery", "sparsity": 0.8, "rounds": 2, "rewind_steps": 2,
+                          "finetune": {"epochs": 1, "lr": 1e-3}}, True),
+    "regularize_l1": ("prune", {"method": "l1", "sparsity": 0.5, "penalty": 1e-3,
+                                "finetune": {"epochs": 2, "lr": 1e-3}}, True),
+    "distill_augment": ("distill", {"method": "kd", "epochs": 2, "lr": 1e-3,
+                                    "augment": {"noise": 0.05, "mixup": 0.2}}, True),
+}
+
+
+def _run_stage(key: str, device: str) -> tuple[nn.Module, float, float]:
+    """``(result, zero fraction of its Conv/Linear weights, held-out accuracy)`` of one stage on
+    the digits CNN (distillation: from a 50% magnitude-pruned copy, its zeros kept)."""
+    import copy
+
+    import netpress
+    from netpress import zoo
+    from netpress.api import apply
+    from netpress.core.data import Batch
+
+    stage, recipe, labelled = STAGES[key]
+    recipe = copy.deepcopy(recipe)
+    (recipe["finetune"] if "finetune" in recipe else recipe)["device"] = device
+    data = zoo.load_data("digits")
+    train = data.train[:8] if labelled else [Batch(b.inputs) for b in data.train[:8]]
+    model = zoo.load_model("digits_cnn").eval()
+    if stage == "distill":
+        model = netpress.prune(model, {"method": "magnitude", "sparsity": 0.5})
+    torch.manual_seed(0)
+    out = apply(stage, model, recipe, data=train, advanced={"train": train})
+    assert all(t.device.type == "cpu" for t in out.state_dict().values())  # artifacts are CPU
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())  # the original too
+    return out, _zero_fraction(out), _accuracy(out, data.evaluation)
+
+
+@pytest.mark.parametrize("key", list(STAGES))
+def test_finetuning_stages_on_cuda_match_cpu(key):
+    """Gradual / lottery / regularisation pruning (MaskKeeper on the weight's device, the original
+    as a companion) and KD with noise + mixup (teacher companion, augmentation tensors on the
+    batch's device) run with ``device: cuda`` and agree with the same stage on the CPU."""
+    _, zeros_cpu, acc_cpu = _run_stage(key, "cpu")
+    _, zeros_gpu, acc_gpu = _run_stage(key, "cuda")
+    if STAGES[key][0] == "prune":  # the target sparsity, exactly as on the CPU (counts, not masks)
+        assert zeros_gpu == pytest.approx(zeros_cpu, abs=2e-3)
+    else:  # distillation kept the zeros it started from
+        assert zeros_gpu == pytest.approx(zeros_cpu, abs=2e-3) and zeros_gpu >= 0.49
+    assert abs(acc_gpu - acc_cpu) <= 0.05, (acc_cpu, acc_gpu)  # 17 batches, 540 examples
