@@ -76,3 +76,44 @@ def test_trained_teacher_feeds_kd_and_its_rows(monkeypatch):
     assert "not the KD teacher" in rows[1]["method"]
     with pytest.raises(ValueError, match="teacher members"):
         bd.kd_teacher("mnist1d", None)
+
+
+def test_transfer_kd_uses_unlabelled_inputs_and_gets_its_own_row(monkeypatch):
+    """``kd_transfer``: KD on the train split + target-less transfer batches from another
+    generator seed (none equal to an evaluation input); its row is ``kd_mnist1d_transfer`` beside
+    the same-data ``kd_mnist1d`` row, with the gap against the stronger label-only baseline."""
+    tiny = dict(KD_SETUP["mnist1d"], width=0.125, epochs=4,
+                transfer={"n": 300, "seed": 7, "epochs": 4})
+    tiny.pop("teacher", None)
+    monkeypatch.setitem(KD_SETUP, "mnist1d", tiny)
+    assert bd.kd_kinds("mnist1d")[-1] == "kd_transfer" and "kd_transfer" not in bd.kd_kinds("digits")
+    tb, info = bd.transfer_batches("mnist1d", 128)
+    assert [len(b.inputs[0]) for b in tb] == [128, 128, 44] and all(b.target is None for b in tb)
+    assert info["n"] == 300 and info["seed"] == 7 and info["min_dist"] > 0.01
+    out = bd.kd_seed("mnist1d", 0, True, ("kd_transfer",))
+    assert 0.1 < out["acc"]["kd_transfer"] <= 1.0
+    assert out["steps"]["kd_transfer"] == 1 * (32 + 3)  # 4000 / 128 labelled + 3 transfer batches
+    per_seed = [{"acc": {"labels": 0.90, "labels_alt": 0.92, "kd": 0.93, "feature_kd": 0.93,
+                         "kd_transfer": 0.95},
+                 "secs": dict.fromkeys(bd.kd_kinds("mnist1d"), 1.0), "epochs": 1, "params": 900,
+                 "steps": out["steps"], "transfer": out["transfer"]}] * 3
+    rows = kd_rows("mnist1d", per_seed)
+    tr = [r for r in rows if r["case"] == "kd_mnist1d_transfer"]
+    assert len(tr) == 1 and "transfer set" in tr[0]["method"]
+    teacher = rows[0]["metric"]
+    assert f"gap recovered {(0.95 - 0.92) / (teacher - 0.92):.0%}" in tr[0]["notes"]
+    assert "300 extra MNIST-1D inputs" in tr[0]["notes"] and "seed 7" in tr[0]["notes"]
+    assert any(r["case"] == "kd_mnist1d" and r["method"].startswith("kd ") for r in rows)
+
+
+def test_transfer_set_only_for_mnist1d():
+    with pytest.raises(ValueError, match="no transfer set"):
+        bd.transfer_batches("digits", 32)
+
+
+def test_case_filter(monkeypatch):
+    monkeypatch.delenv("NETPRESS_BENCH_DISTILL_CASES", raising=False)
+    assert bd._wanted("tucker_digits")
+    monkeypatch.setenv("NETPRESS_BENCH_DISTILL_CASES", "kd_mnist1d, deep_compression_mlp")
+    assert bd._wanted("kd_mnist1d") and bd._wanted("deep_compression_mlp300_100")
+    assert not bd._wanted("kd_digits") and not bd._wanted("tucker_mnist1d")

@@ -13,6 +13,11 @@ Cases:
     the same with mixup toggled), with Hinton KD (T=4, alpha=0.9; the teacher labels the
     augmented inputs), and with KD + FitNets hints; the same epochs for all; 3 seeds; "gap
     recovered" = (KD - labels) / (teacher - labels), of the means, against the stronger baseline.
+  * ``kd_mnist1d_transfer``: the same KD, on the train split plus an *unlabelled transfer set*
+    (extra MNIST-1D inputs from the data set's generator with another seed,
+    :func:`netpress.zoo.sources.mnist1d_unlabeled`; labels discarded, the teacher labels them:
+    Hinton's transfer set / semi-supervised distillation). The teacher and the label-only
+    baselines see only the labelled train split; the gap is against the same baselines.
   * ``tucker_<data>``: Tucker-2 of the CNN's k>1 convs + label fine-tuning.
   * ``deep_compression_<model>``: gradual magnitude pruning with KD recovery from the original
     after each step, 5-bit weight sharing, entropy-coded indices; bytes of the artifact's
@@ -127,6 +132,42 @@ def _rebatch(batches: list, size: int) -> list:
 KD_KINDS = ("labels", "labels_alt", "kd", "feature_kd")
 
 
+def kd_kinds(data: str) -> tuple[str, ...]:
+    """The kinds run for ``data``: :data:`KD_KINDS`, plus ``kd_transfer`` when the set-up has a
+    ``transfer`` block (KD on the train split + an unlabelled transfer set)."""
+    return KD_KINDS + (("kd_transfer",) if "transfer" in KD_SETUP[data] else ())
+
+
+def transfer_batches(data: str, batch: int) -> tuple[list, dict[str, Any]]:
+    """The unlabelled transfer set of ``data`` as target-less batches, and facts for the notes.
+
+    Only MNIST-1D has one: :func:`netpress.zoo.sources.mnist1d_unlabeled` (``transfer: {n,
+    seed}``), extra inputs drawn by the data set's own generator with another seed, labels never
+    seen. ``info["min_dist"]`` is the L2 distance from the nearest transfer input to an evaluation
+    input (0 would be a duplicate).
+
+    Example:
+        >>> tb, info = transfer_batches("mnist1d", 128)  # doctest: +SKIP
+        >>> tb[0].target is None, info["n"]  # doctest: +SKIP
+        (True, 20000)
+    """
+    import numpy as np
+
+    from netpress import zoo
+    from netpress.core.data import Batch
+    from netpress.zoo.sources import mnist1d_unlabeled
+
+    spec = KD_SETUP[data].get("transfer")
+    if data != "mnist1d" or spec is None:
+        raise ValueError(f"kd_{data}: no transfer set (only mnist1d has a generator for one)")
+    x = torch.from_numpy(np.array(mnist1d_unlabeled(spec["n"], spec["seed"])))  # (n, 1, 40)
+    ev = torch.cat([b.inputs[0] for b in zoo.load_data(data).evaluation]).flatten(1)
+    dmin = min(float(torch.cdist(x[i:i + 2000].flatten(1), ev).min())
+               for i in range(0, len(x), 2000))
+    tb = [Batch((x[i:i + batch],), None) for i in range(0, len(x), batch)]
+    return tb, {"n": len(x), "seed": spec["seed"], "min_dist": dmin}
+
+
 def _member(data: str, width: int) -> nn.Sequential:
     from netpress.zoo import trained
 
@@ -184,10 +225,11 @@ def kd_seed(data: str, seed: int, quick: bool, kinds: tuple[str, ...] = KD_KINDS
     setup = KD_SETUP[data]
     student_of = zoo.load_model(ZOO[data])  # the student is the zoo CNN narrowed by ``width``
     bundle = zoo.load_data(data)
-    teacher = kd_teacher(data, members) if any(k.endswith("kd") for k in kinds) else None
+    teacher = kd_teacher(data, members) if any(not k.startswith("labels") for k in kinds) \
+        else None
     train = _rebatch(bundle.train, setup["batch"])
     epochs = setup["epochs"] // (4 if quick else 1)
-    out: dict[str, Any] = {"acc": {}, "secs": {}, "epochs": epochs}
+    out: dict[str, Any] = {"acc": {}, "secs": {}, "epochs": epochs, "steps": {}}
     for kind in kinds:
         student = derive_student(student_of, width=setup["width"], seed=seed)
         out["params"] = count_params(student)
@@ -196,7 +238,19 @@ def kd_seed(data: str, seed: int, quick: bool, kinds: tuple[str, ...] = KD_KINDS
             aug = _augment(setup, kind)
             fine_tune(student, train, TrainConfig(epochs=epochs, lr=setup["lr"], seed=seed),
                       augmented_ce(aug, seed))
+            out["steps"][kind] = epochs * len(train)
+        elif kind == "kd_transfer":  # train split (labels + teacher) + transfer set (teacher only)
+            assert teacher is not None
+            tb, out["transfer"] = transfer_batches(data, setup["batch"])
+            t_epochs = setup["transfer"]["epochs"] // (4 if quick else 1)
+            out["transfer"]["epochs"] = t_epochs
+            distill(student, teacher, train + tb,
+                    {"method": "kd", "epochs": t_epochs, "lr": setup["lr"], "seed": seed,
+                     "temperature": setup["T"], "alpha": setup["alpha"],
+                     "augment": setup["augment"]})
+            out["steps"][kind] = t_epochs * (len(train) + len(tb))
         else:
+            out["steps"][kind] = epochs * len(train)
             dcfg: dict[str, Any] = {"method": kind, "epochs": epochs, "lr": setup["lr"],
                                     "seed": seed, "temperature": setup["T"], "alpha": setup["alpha"],
                                     "augment": setup["augment"]}
@@ -262,30 +316,47 @@ def kd_rows(data: str, per_seed: list[dict[str, Any]],
     """
     setup = KD_SETUP[data]
     rows, t_acc, t_n = _teacher_rows(data, members)
-    res = {k: [r["acc"][k] for r in per_seed] for k in KD_KINDS}
-    secs = {k: statistics.mean(r["secs"][k] for r in per_seed) for k in KD_KINDS}
+    kinds = [k for k in kd_kinds(data) if k in per_seed[0]["acc"]]
+    res = {k: [r["acc"][k] for r in per_seed] for k in kinds}
+    secs = {k: statistics.mean(r["secs"][k] for r in per_seed) for k in kinds}
     mean = {k: statistics.mean(v) for k, v in res.items()}
     base = max(("labels", "labels_alt"), key=lambda k: mean[k])
     n_student = per_seed[0]["params"]
-    for kind in KD_KINDS:
+    steps = per_seed[0].get("steps", {})
+    for kind in kinds:
         aug = ", ".join(f"{k} {v:g}" for k, v in _augment(setup, kind).items())
         method = {"labels": "labels_only (student, CE)",
                   "labels_alt": f"labels_only (student, CE), mixup {setup['alt_mixup']:g}",
                   "kd": f"kd T={setup['T']:g} a={setup['alpha']:g}",
-                  "feature_kd": "feature_kd (hints + kd)"}[kind]
+                  "feature_kd": "feature_kd (hints + kd)",
+                  "kd_transfer": f"kd T={setup['T']:g} a={setup['alpha']:g} + unlabelled "
+                                 "transfer set"}[kind]
+        epochs = per_seed[0]["epochs"]
+        if kind == "kd_transfer":
+            info = per_seed[0]["transfer"]
+            epochs = info["epochs"]
         note = (f"student width {setup['width']}, {n_student} params ({t_n / n_student:.1f}x "
-                f"smaller than the teacher); {per_seed[0]['epochs']} epochs, batch "
+                f"smaller than the teacher); {epochs} epochs"
+                f"{f' ({steps[kind]} steps)' if kind in steps else ''}, batch "
                 f"{setup['batch']}, lr {setup['lr']:g}, augment ({aug}); seeds "
                 f"{[round(v, 4) for v in res[kind]]}")
+        if kind == "kd_transfer":
+            note += (f"; data: the labelled train split (CE + KD) + {info['n']} extra MNIST-1D "
+                     f"inputs drawn by make_dataset with seed {info['seed']} (zoo.sources."
+                     "mnist1d_unlabeled: labels discarded, only the teacher labels them; nearest "
+                     f"to an evaluation input at L2 {info['min_dist']:.2f}, so none duplicated); "
+                     "the teacher and the label-only students never see them; same-data KD: "
+                     f"the kd_{data} row")
         if kind == base:
             note += "; the stronger label-only baseline"
-        if kind in ("kd", "feature_kd"):
+        if kind in ("kd", "feature_kd", "kd_transfer"):
             note += (f"; gap recovered {_recovered(mean[kind], mean[base], t_acc)} (teacher "
                      f"{t_acc:.4f}, best labels-only {mean[base]:.4f}; vs the other baseline "
                      f"{_recovered(mean[kind], min(mean['labels'], mean['labels_alt']), t_acc)})")
         if kind == "feature_kd":
             note += f"; gain over kd {mean['feature_kd'] - mean['kd']:+.4f}"
-        case = f"{'feature_kd' if kind == 'feature_kd' else 'kd'}_{data}"
+        case = {"feature_kd": f"feature_kd_{data}", "kd_transfer": f"kd_{data}_transfer"}.get(
+            kind, f"kd_{data}")
         rows.append(_row(case, "baseline" if kind.startswith("labels") else "netpress", method,
                          "accuracy", mean[kind], 4 * n_student, secs[kind], note))
     return rows
@@ -398,6 +469,14 @@ def _task(spec: tuple[str, tuple[Any, ...]]) -> Any:
     return globals()[fn](*args)
 
 
+def _wanted(case: str) -> bool:
+    """Whether ``case`` is selected by ``NETPRESS_BENCH_DISTILL_CASES`` (comma-separated case
+    prefixes, e.g. ``kd_mnist1d`` or ``kd,tucker``; unset or empty: every case)."""
+    only = [p.strip() for p in os.environ.get("NETPRESS_BENCH_DISTILL_CASES", "").split(",")
+            if p.strip()]
+    return not only or any(case.startswith(p) for p in only)
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """All cases of the suite (``quick``: one seed, fewer epochs).
 
@@ -405,9 +484,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     start once its members are trained; they run in ``NETPRESS_BENCH_WORKERS`` (default 8) spawned
     worker processes of one thread each, so the wall time is about the longest chain, not the sum
     (timings in ``compress s`` are per case, under whatever load the machine had).
+    ``NETPRESS_BENCH_DISTILL_CASES=kd_mnist1d`` (case prefixes, comma-separated) runs only the
+    selected cases: ``kd_<data>`` (with its ``feature_kd`` / ``transfer`` rows), ``tucker_<data>``,
+    ``deep_compression_mlp300_100``, ``deep_compression_digits_cnn``,
+    ``prune_distill_qat_mnist1d``.
     """
     seeds = SEEDS[: 1 if quick else 3]
-    datas = ("digits", "mnist1d")
+    kd_datas = [data for data in ("digits", "mnist1d") if _wanted(f"kd_{data}")]
     workers = max(1, int(os.environ.get("NETPRESS_BENCH_WORKERS", "8")))
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="netpress-bench-distill-") as d, \
@@ -415,34 +498,40 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         scratch = Path(d)
         members = {data: [pool.submit(_task, ("train_teacher", (data, i, quick)))
                           for i in range(KD_SETUP[data]["teacher"]["members"])]
-                   for data in datas if "teacher" in KD_SETUP[data]}
-        other = [pool.submit(_task, ("tucker", (data, quick))) for data in datas]
+                   for data in kd_datas if "teacher" in KD_SETUP[data]}
+        other = [pool.submit(_task, ("tucker", (data, quick))) for data in ("digits", "mnist1d")
+                 if _wanted(f"tucker_{data}")]
         other += [pool.submit(_task, ("deep_compression", (w, quick, scratch)))
-                  for w in ("mlp", "cnn")]
-        other.append(pool.submit(_task, ("prune_distill_qat", (quick, scratch))))
+                  for w, case in (("mlp", "mlp300_100"), ("cnn", "digits_cnn"))
+                  if _wanted(f"deep_compression_{case}")]
+        if _wanted("prune_distill_qat_mnist1d"):
+            other.append(pool.submit(_task, ("prune_distill_qat", (quick, scratch))))
         kd: dict[tuple[str, int, str], Any] = {}
-        for data in datas:  # label-only kinds need no teacher: queued first
+        for data in kd_datas:  # label-only kinds need no teacher: queued first
             for seed in seeds:
-                for kind in KD_KINDS:
+                for kind in kd_kinds(data):
                     if kind.startswith("labels"):
                         kd[data, seed, kind] = pool.submit(
                             _task, ("kd_seed", (data, seed, quick, (kind,))))
         trained = {data: [f.result() for f in fs] for data, fs in members.items()}
-        for data in datas:
+        for data in kd_datas:
             for seed in seeds:
-                for kind in KD_KINDS:
+                for kind in kd_kinds(data):
                     if not kind.startswith("labels"):
                         kd[data, seed, kind] = pool.submit(
                             _task, ("kd_seed", (data, seed, quick, (kind,), trained.get(data))))
         rows: list[dict[str, Any]] = []
-        for data in datas:
+        for data in kd_datas:
             per_seed = []
             for s in seeds:
-                parts = [kd[data, s, k].result() for k in KD_KINDS]
-                merged = dict(parts[0], acc={}, secs={})
+                parts = [kd[data, s, k].result() for k in kd_kinds(data)]
+                merged = dict(parts[0], acc={}, secs={}, steps={})
                 for part in parts:
                     merged["acc"].update(part["acc"])
                     merged["secs"].update(part["secs"])
+                    merged["steps"].update(part.get("steps", {}))
+                    if "transfer" in part:
+                        merged["transfer"] = part["transfer"]
                 per_seed.append(merged)
             rows += kd_rows(data, per_seed, trained.get(data))
         for f in other:
