@@ -42,6 +42,9 @@ def test_refine_mask_lowers_the_quadratic_error_and_keeps_row_counts() -> None:
     assert _err(X, W, W * new) < 0.9 * _err(X, W, W * keep)
     again, more = refine_mask(W, W, new, C, max_swaps=32)  # a local optimum: nothing left
     assert more == 0 and torch.equal(again, new)
+    wide, _ = refine_mask(W, W, keep, C, max_swaps=32, candidates=4, chunk=5)  # row chunks
+    assert torch.equal(wide.sum(1), keep.sum(1))
+    assert _err(X, W, W * wide) < 0.9 * _err(X, W, W * keep)
 
 
 def test_ria_score_is_relative_importance_times_sqrt_norm() -> None:

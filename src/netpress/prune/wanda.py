@@ -76,6 +76,7 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
         owl_lambda / owl_m: outlier-weighted block sparsities (0 = uniform).
         score: ``wanda`` (``|w|·‖x‖``) or ``ria`` (relative importance · ``‖x‖^ria_alpha``).
         mask_refine: swaps per row of the mask search (0 = off; implies sequential).
+        mask_candidates: grow candidates the search tries per row and step (best pair wins).
         type_sparsity: ``{pattern: fraction}`` per layer type (first match wins), as SparseGPT's.
         target: ``weights`` or ``dense`` (the mask search and bias correction fit the dense
             model's outputs, from a dense copy run alongside; implies sequential).
@@ -93,6 +94,7 @@ class WandaPruneConfig(NMFields, OWLFields, TechniqueConfig):
     score: Literal["wanda", "ria"] = "wanda"
     ria_alpha: float = Field(default=0.5, ge=0.0, le=2.0)
     mask_refine: int = Field(default=0, ge=0, le=100000)
+    mask_candidates: int = Field(default=1, ge=1, le=64)
     type_sparsity: dict[str, float] = Field(default_factory=dict)
     target: Literal["weights", "dense"] = "weights"
     refit_norms: bool = False
@@ -242,7 +244,8 @@ def _sequential(model: nn.Module, modules: list[tuple[str, nn.Module]], batches:
             G = None if G is None else G - 2 * torch.outer(mean_d, mean)
         goal = dense_target(dense, C, G, config.damp) if G is not None else dense
         if config.mask_refine:
-            keep, swaps[name] = refine_mask(dense, goal, keep, C, config.mask_refine)
+            keep, swaps[name] = refine_mask(dense, goal, keep, C, config.mask_refine,
+                                            candidates=config.mask_candidates)
         if config.update == "obs":  # Wanda's mask, the kept weights updated as in SparseGPT
             new, _ = sparsegpt_prune(goal, H, prune_mask=~keep, damp=config.damp)
         else:

@@ -47,7 +47,8 @@ def ria_score(weight: torch.Tensor, norm: torch.Tensor, alpha: float = 0.5) -> t
 
 
 def refine_mask(weight: torch.Tensor, goal: torch.Tensor, keep: torch.Tensor, C: torch.Tensor,
-                max_swaps: int, tol: float = 1e-7) -> tuple[torch.Tensor, int]:
+                max_swaps: int, tol: float = 1e-7, candidates: int = 1,
+                chunk: int = 64) -> tuple[torch.Tensor, int]:
     """Swap pruned/kept pairs per row while the row's error ``dᵀ C d`` falls (see the module doc).
 
     Args:
@@ -57,44 +58,60 @@ def refine_mask(weight: torch.Tensor, goal: torch.Tensor, keep: torch.Tensor, C:
         C: ``(cols, cols)`` symmetric positive semi-definite objective matrix.
         max_swaps: at most this many swaps per row.
         tol: a swap must lower the row's error by more than ``tol`` times its current value.
+        candidates: grow candidates tried per row and step (the ``candidates`` best single grows,
+            each with its best partner; the best pair wins).
+        chunk: rows handled at once (memory ``chunk·candidates·cols`` doubles).
 
     Returns:
         ``(new keep-mask, number of swaps made over all rows)``.
     """
-    W = weight.to(torch.float64)
-    C64 = C.to(torch.float64)
     keep = keep.clone().bool()
-    d = goal.to(torch.float64) - W * keep  # (rows, cols)
-    g = d @ C64  # (rows, cols): C d per row
-    cd = torch.diagonal(C64)  # (cols,)
+    swaps = 0
+    for r0 in range(0, keep.shape[0], chunk):
+        sl = slice(r0, r0 + chunk)
+        keep[sl], n = _refine_rows(weight[sl].to(torch.float64), goal[sl].to(torch.float64),
+                                   keep[sl], C.to(torch.float64), max_swaps, tol, candidates)
+        swaps += n
+    return keep, swaps
+
+
+def _refine_rows(W: torch.Tensor, goal: torch.Tensor, keep: torch.Tensor, C: torch.Tensor,
+                 max_swaps: int, tol: float, candidates: int) -> tuple[torch.Tensor, int]:
+    """:func:`refine_mask` on a few rows (float64 inputs)."""
+    d = goal - W * keep  # (rows, cols)
+    g = d @ C  # (rows, cols): C d per row
+    cd = torch.diagonal(C)  # (cols,)
     err = (d * g).sum(1)  # (rows,)
-    active = torch.ones(W.shape[0], dtype=torch.bool)
+    active = (~keep).any(1) & keep.any(1)  # rows with something to swap
     rows = torch.arange(W.shape[0])
     inf = torch.tensor(float("inf"), dtype=torch.float64)
+    t = max(1, min(candidates, int(keep.shape[1])))
     swaps = 0
     for _ in range(max_swaps):
         if not bool(active.any()):
             break
         r = rows[active]
+        a = len(r)
         w, gr, kp = W[r], g[r], keep[r]  # (a, cols)
         grow = torch.where(kp, inf, -2 * w * gr + w * w * cd)  # Δ of returning w_j
-        j = grow.argmin(1)  # (a,)
-        wj = w.gather(1, j[:, None])  # (a, 1)
-        g2 = gr - wj * C64[j]  # C d after the grow
-        kp2 = kp.clone()
-        kp2[torch.arange(len(r)), j] = True
-        drop = torch.where(kp2, 2 * w * g2 + w * w * cd, inf)  # Δ of zeroing w_k
-        drop[torch.arange(len(r)), j] = inf
-        k = drop.argmin(1)
-        delta = grow.gather(1, j[:, None])[:, 0] + drop.gather(1, k[:, None])[:, 0]
+        gv, j = grow.topk(min(t, int((~kp).sum(1).min())), dim=1, largest=False)  # (a, t)
+        wj = w.gather(1, j)  # (a, t)
+        g2 = gr.unsqueeze(1) - wj.unsqueeze(2) * C[j]  # (a, t, cols): C d after each grow
+        kp2 = kp.unsqueeze(1).expand_as(g2).clone()
+        kp2.scatter_(2, j.unsqueeze(2), False)  # the grown one may not be dropped again
+        drop = torch.where(kp2, 2 * w.unsqueeze(1) * g2 + (w * w * cd).unsqueeze(1), inf)
+        dv, k = drop.min(2)  # (a, t)
+        total = gv + dv  # (a, t)
+        best = total.argmin(1)  # (a,)
+        ar = torch.arange(a)
+        delta, jb, kb = total[ar, best], j[ar, best], k[ar, best]
         ok = delta < -tol * err[r].abs().clamp_min(1e-30)
         if not bool(ok.any()):
             break
-        r_ok, j_ok, k_ok = r[ok], j[ok], k[ok]
-        wk = W[r_ok, k_ok][:, None]
-        g[r_ok] = g2[ok] + wk * C64[k_ok]
-        keep[r_ok, j_ok] = True
-        keep[r_ok, k_ok] = False
+        r_ok = r[ok]
+        g[r_ok] = g2[ar[ok], best[ok]] + W[r_ok, kb[ok]][:, None] * C[kb[ok]]
+        keep[r_ok, jb[ok]] = True
+        keep[r_ok, kb[ok]] = False
         err[r_ok] += delta[ok]
         active[r[~ok]] = False
         swaps += int(ok.sum())
