@@ -107,10 +107,18 @@ KD_SETUP: dict[str, dict[str, Any]] = {
     # width 0.1875 (13.6x smaller than width 32) labels 0.9647 [0.960, 0.965, 0.969] vs KD from
     # the width-32 teacher 0.9670 [0.968, 0.962, 0.971] = 13 % of the gap (seed 0 from width 64:
     # 0.958); width 0.125 labels 0.944 / KD 0.942; width 0.25 KD from width 64 0.977 (labels, 3 seeds: 0.977).
-    # These narrow students are capacity-bound: a better teacher does not move them. A
-    # ``teacher`` block (ensemble trained here) is supported, but no such set-up beat the one below.
-    "mnist1d": {"width": 0.25, "epochs": 80, "batch": 128, "lr": 0.01, "T": 4.0, "alpha": 0.9,
-                "augment": {"shift": 3, "noise": 0.05, "mixup": 1.0}, "alt_mixup": 0.0},
+    # A ``teacher`` block (ensemble trained here) is supported, but no such set-up beat the zoo.
+    # Session 12 (probes, seed 0, 1 thread, evaluation split): the width-0.1875 student trained on
+    # labels alone fits 98.5 % of the train split (loss 0.047) and reaches 0.960 (80 epochs) /
+    # 0.963 (240 epochs, train 99.3 %): partly data-bound. Same-data KD from the zoo CNN 0.957.
+    # KD with an unlabelled transfer set of 20000 generated inputs (``transfer``): 0.967 without
+    # mixup, 0.970 with (14 epochs = 2646 steps, as many as the 80 label-only epochs), 0.967 at 40
+    # epochs (7560 steps; the student agrees with the teacher on 98 % of transfer inputs), 0.950
+    # with logit MSE instead of KL; width 0.25 with the transfer set 0.973 (its labels-only 0.981:
+    # the zoo teacher's errors cap it). Width 0.1875 gives a real gap (about 1.5 pt) to recover.
+    "mnist1d": {"width": 0.1875, "epochs": 80, "batch": 128, "lr": 0.01, "T": 4.0, "alpha": 0.9,
+                "augment": {"shift": 3, "noise": 0.05, "mixup": 1.0}, "alt_mixup": 0.0,
+                "transfer": {"n": 20000, "seed": 1, "epochs": 14}},
 }
 # student / teacher layer pairs of feature KD (with a ``teacher`` ensemble: ``members.0.<layer>``)
 FEATURES = {"digits": [["5", "5"], ["9", "9"]], "mnist1d": [["5", "5"], ["11", "11"]]}
