@@ -111,3 +111,11 @@ def test_wanda_option_errors() -> None:
         cfg = {"method": "wanda", "sparsity": 0.5, **bad}
         with pytest.raises(RecipeError):
             apply_prune(_net(), cfg, data=X)
+
+
+def test_row_masks_remove_the_exact_layer_count_for_fractional_rows() -> None:
+    score = torch.rand(7, 384, generator=torch.Generator().manual_seed(0))
+    for p in (0.65, 0.4, 0.525, 0.5):
+        pruned = (~row_masks(score, p)).sum(1)
+        assert int(pruned.sum()) == int(p * 7 * 384 + 1e-6)
+        assert int(pruned.max() - pruned.min()) <= 1

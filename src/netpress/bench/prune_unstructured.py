@@ -230,6 +230,8 @@ def minilm(quick: bool = False, cases: tuple[str, ...] = ("minilm_50pct", "minil
                                    calib, model)
         seq = "sequential (inputs through the pruned earlier layers); " \
             if rep[method].get("sequential") or method == "sparsegpt" else ""
+        if extra.get("type_sparsity"):  # a per-type split must remove the same weight count
+            assert abs(_sparsity(pruned) - 0.5) < 1e-4, f"{case}{tag}: {_sparsity(pruned)}"
         rows.append(_row(f"{case}_{method}{tag}", "netpress", f"{method} {spars}{tag}", "cosine",
                          cos(pruned), _bytes(pruned, "minilm"), secs,
                          f"one-shot, no fine-tune; {seq}{how}all 36 encoder Linear layers "

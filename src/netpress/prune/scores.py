@@ -90,18 +90,27 @@ def masks_from_scores(
 
 
 def row_masks(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask removing ``floor(p·cols)`` lowest scores in every output row (Wanda's group).
+    """Keep-mask removing the lowest scores in every output row (Wanda's comparison group).
+
+    The layer loses exactly ``floor(p·rows·cols)`` weights, spread so that rows differ by at most
+    one (``floor(p·cols)`` each when ``p·cols`` is whole), so per-layer fractions add up exactly.
 
     Example:
         >>> row_masks(torch.tensor([[1.0, 2.0], [4.0, 3.0]]), 0.5).tolist()
         [[False, True], [True, False]]
+        >>> int((~row_masks(torch.rand(3, 10), 0.65)).sum(1).sum())  # floor(0.65 * 30)
+        19
     """
     flat = score.reshape(score.shape[0], -1)  # (rows, cols)
-    k = prune_count(flat.shape[1], sparsity)
+    rows, cols = flat.shape
+    total = prune_count(rows * cols, sparsity)
+    r = torch.arange(rows + 1, dtype=torch.int64)
+    k = (r[1:] * total) // rows - (r[:-1] * total) // rows  # (rows,) differ by at most one
     keep = torch.ones_like(flat, dtype=torch.bool)
-    if k > 0:
-        idx = torch.topk(flat, k, dim=1, largest=False).indices  # (rows, k)
-        keep.scatter_(1, idx, False)
+    if total > 0:
+        order = flat.argsort(dim=1, stable=True)  # (rows, cols), lowest first
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(cols).expand(rows, cols))
+        keep = ranks >= k.unsqueeze(1)
     return keep.reshape(score.shape)
 
 
