@@ -307,11 +307,35 @@ def reconstruct_unit(funit: nn.Module, qunit: nn.Module, softs: list[_Soft], xq:
     return {"loss_before": before, "loss_after": after}
 
 
+def sub_crops(x: torch.Tensor, crop: int, align: int, gen: torch.Generator) -> torch.Tensor:
+    """One random ``crop x crop`` window per image of ``x`` (offsets multiples of ``align``).
+
+    Block reconstruction only needs real feature statistics, not whole images: a convolution
+    block is translation-equivariant, so a window whose offset is a multiple of the network's
+    total stride (32 for MobileNetV2) sees, away from its border, exactly the feature maps of
+    the full image, at ``(crop / side)²`` of the cost of propagating the full images.
+
+    Example:
+        >>> sub_crops(torch.randn(4, 3, 224, 224), 96, 32, torch.Generator()).shape
+        torch.Size([4, 3, 96, 96])
+    """
+    if x.dim() != 4 or (x.shape[2] <= crop and x.shape[3] <= crop):
+        return x
+    ch, cw = min(crop, x.shape[2]), min(crop, x.shape[3])
+    out = torch.empty(x.shape[0], x.shape[1], ch, cw, dtype=x.dtype)
+    for k in range(x.shape[0]):
+        i = int(torch.randint(0, (x.shape[2] - ch) // align + 1, (1,), generator=gen)) * align
+        j = int(torch.randint(0, (x.shape[3] - cw) // align + 1, (1,), generator=gen)) * align
+        out[k] = x[k, :, i:i + ch, j:j + cw]
+    return out
+
+
 def brecq(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
           names: list[str] | None = None, iters: int = 400, batch: int = 32, patch: int = 32,
           lr: float = 1e-2, act_lr: float = 1e-3, reg: float = 0.01, qdrop: float = 0.5,
           learn_act: bool = True, warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
-          chunk: int = 32, seed: int = 0, qmax: int = 127) -> dict[str, dict[str, float]]:
+          chunk: int = 32, seed: int = 0, qmax: int = 127, crop: int | None = None,
+          align: int = 32) -> dict[str, dict[str, float]]:
     """Block-reconstruct the int8 codes (and activation scales) of ``qmodel`` in place.
 
     Args:
@@ -328,6 +352,8 @@ def brecq(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
         chunk: examples per forward when propagating inputs.
         seed: seed of the example / window / drop sampling.
         qmax: largest weight code magnitude (127 for 8-bit).
+        crop / align: reconstruct on one random ``crop x crop`` window of each image (offsets
+            multiples of ``align``; see :func:`sub_crops`) instead of the whole images.
 
     Returns:
         unit name -> ``{"loss_before", "loss_after", "flipped", "layers", "seconds"}``
@@ -339,6 +365,8 @@ def brecq(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    if crop is not None:
+        x = sub_crops(x, crop, align, gen)
     qlayers = {n: m for n, m in qmodel.named_modules() if isinstance(m, (W8A8Conv2d, W8A8Linear))}
     if names is not None:
         keep = set(names)
@@ -367,8 +395,10 @@ def brecq(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
             xq, xf = _capture(qmodel, u, x, chunk), _capture(float_model, u, x, chunk)
         members = [(n, m) for n, m in qlayers.items() if n == u or n.startswith(u + ".")]
         softs = [_Soft(m, fmods[n].weight, qmax, learn_act) for n, m in members]
+        t1 = time.perf_counter()
         rep = reconstruct_unit(fmods[u], qmods[u], softs, xq, xf, iters, batch, patch, lr,
                                act_lr, reg, qdrop, warmup, beta, gen)
+        rep["seconds_inputs"] = t1 - t0
         infos = [s.commit() for s in softs]
         rep["flipped"] = sum(i["flipped"] for i in infos) / max(len(infos), 1)
         rep["layers"] = len(softs)
@@ -378,4 +408,4 @@ def brecq(float_model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
     return report
 
 
-__all__ = ["brecq", "find_units", "reconstruct_unit"]
+__all__ = ["brecq", "find_units", "reconstruct_unit", "sub_crops"]
