@@ -143,14 +143,21 @@ def test_load_data_returns_fresh_lists():
     assert len(zoo.load_data("digits").evaluation) == 17
 
 
+def _leaves_global_rng(call):
+    """``call()``'s result; asserts the global ``random`` / ``numpy.random`` streams are untouched."""
+    np.random.seed(123)
+    random.seed(123)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(123)
+    random.seed(123)
+    out = call()
+    assert (np.random.rand(), random.random()) == expected
+    return out
+
+
 def test_mnist1d_bundle_shapes_and_global_rng_untouched():
-    np.random.seed(123)
-    random.seed(123)
-    expected_np, expected_py = np.random.rand(), random.random()
-    np.random.seed(123)
-    random.seed(123)
-    x_tr, y_tr, x_te, y_te = sources.mnist1d_arrays.__wrapped__()  # uncached: runs make_dataset
-    assert (np.random.rand(), random.random()) == (expected_np, expected_py)
+    # uncached: runs make_dataset
+    x_tr, y_tr, x_te, y_te = _leaves_global_rng(sources.mnist1d_arrays.__wrapped__)
     assert x_tr.shape == (4000, 1, 40) and x_te.shape == (1000, 1, 40)
 
     bundle = zoo.load_data("mnist1d")
@@ -365,3 +372,37 @@ def test_minilm_exports_with_dynamic_batch_and_length(tmp_path):
     got = session.run(None, {n: other.inputs[n].numpy() for n in names})[0]
     assert got.shape == tuple(expected.shape)
     assert float(np.abs(got - expected.numpy()).max()) < 1e-3
+
+
+# --- mnist1d_unlabeled: the unlabelled MNIST-1D KD transfer set ---
+
+def test_unlabeled_shape_dtype_readonly_and_deterministic():
+    x = sources.mnist1d_unlabeled(30, seed=3)
+    assert x.shape == (30, 1, 40) and x.dtype == np.float32
+    assert not x.flags.writeable
+    again = sources.mnist1d_unlabeled.__wrapped__(30, seed=3)  # uncached: regenerated
+    np.testing.assert_array_equal(x, again)
+    other = sources.mnist1d_unlabeled.__wrapped__(30, seed=4)
+    assert not np.allclose(x, other)
+    # standardised like the zoo split
+    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1.0) < 1e-4
+
+
+def test_unlabeled_returns_inputs_only_and_leaves_global_rng():
+    out = _leaves_global_rng(lambda: sources.mnist1d_unlabeled.__wrapped__(20, seed=5))
+    assert isinstance(out, np.ndarray)  # no labels come back
+
+
+def test_unlabeled_never_equals_a_zoo_example():
+    x = sources.mnist1d_unlabeled(200, seed=1).reshape(200, -1)
+    x_tr, _, x_te, _ = sources.mnist1d_arrays()
+    for split in (x_te.reshape(len(x_te), -1), x_tr.reshape(len(x_tr), -1)):
+        d2 = (x ** 2).sum(1)[:, None] + (split ** 2).sum(1)[None, :] - 2 * x @ split.T
+        assert float(d2.min()) > 1e-3  # no duplicate (or near duplicate) of a zoo example
+
+
+@pytest.mark.parametrize(("n", "seed"), [(0, 1), (15, 1), (-10, 1), (20, 42)])
+def test_unlabeled_bad_arguments(n, seed):
+    with pytest.raises(DataError) as err:
+        sources.mnist1d_unlabeled.__wrapped__(n, seed=seed)
+    assert err.value.fix and "mnist1d_unlabeled" in err.value.where
