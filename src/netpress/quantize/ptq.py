@@ -153,6 +153,9 @@ class PTQBrecq(BaseModel):
         crop: reconstruct on one random ``crop x crop`` window of each calibration image
             (offsets multiples of 32; :func:`netpress.quantize.brecq.sub_crops`), which cuts the
             cost of propagating block inputs by ``(crop / side)²``; ``null``: whole images.
+            MobileNetV2 (stop 12, OpenVINO, 400 held-out crops): 256 crops as 96x96 windows
+            with the first conv in float gave 0.865 all / 0.9606 confident, below 128 whole
+            crops (0.8875 / 0.9852), so the default stays ``null``.
 
     The defaults are sized for a shared 2-core CPU (MobileNetV2: 19 units, ~6 min at load ~25);
     the papers run ~20k steps of batch 32 per block.
