@@ -52,9 +52,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
                " + BRECQ block reconstruction with QDrop 0.5 and learned activation steps "
                "(rounding: brecq)"),
 }
-#: Measured once and left out of the suite (stop 12, side run, not a table row): BRECQ on all 256
-#: calibration crops as one aligned 96x96 window each (``brecq: {examples: 256, crop: 96}``)
-#: with the first conv in float: 0.865 all / 0.9606 confident, worse than ``_brecq``.
+#: Measured in stop-12 side runs and left out of the suite (see the BENCHMARKS.md text): BRECQ on
+#: all 256 calibration crops as one aligned 96x96 window each (``brecq: {examples: 256, crop:
+#: 96}``): 2.5x cheaper, 1.5 points below ``_brecq``; the first conv left in float lowers BRECQ.
 
 
 def _agreement(out: np.ndarray, ref: torch.Tensor) -> tuple[float, float, int]:
