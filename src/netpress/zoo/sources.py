@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +65,25 @@ def digits_arrays() -> Split:
     return _readonly(x_tr, y_tr, x_te, y_te)
 
 
+def _make_mnist1d(**overrides: Any) -> dict:
+    """``mnist1d.data.make_dataset`` with the package's arguments (``overrides`` replace some),
+    the global ``random`` / ``numpy.random`` state saved and restored around it."""
+    try:
+        import mnist1d.data
+    except ImportError as exc:
+        raise DataError("zoo data 'mnist1d'", got="package mnist1d missing",
+                        expected="the mnist1d package", fix="pip install mnist1d") from exc
+    args = mnist1d.data.get_dataset_args()
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        return mnist1d.data.make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 @lru_cache(maxsize=1)
 def mnist1d_arrays() -> Split:
     """MNIST-1D with the package's default arguments as ``(x_train, y_train, x_test, y_test)``.
@@ -82,17 +102,7 @@ def mnist1d_arrays() -> Split:
         >>> xtr.shape, xte.shape
         ((4000, 1, 40), (1000, 1, 40))
     """
-    try:
-        import mnist1d.data
-    except ImportError as exc:
-        raise DataError("zoo data 'mnist1d'", got="package mnist1d missing",
-                        expected="the mnist1d package", fix="pip install mnist1d") from exc
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        ds = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    ds = _make_mnist1d()
     x_tr = np.asarray(ds["x"], dtype=np.float32)[:, None, :]  # (N, 1, 40)
     x_te = np.asarray(ds["x_test"], dtype=np.float32)[:, None, :]  # (N, 1, 40)
     y_tr = np.asarray(ds["y"], dtype=np.int64)
@@ -138,19 +148,7 @@ def mnist1d_unlabeled(n: int, seed: int = 1) -> np.ndarray:
                         expected=f"a seed other than {MNIST1D_SPLIT_SEED}",
                         fix="pick another seed: 42 regenerates the zoo's own train / evaluation "
                             "examples")
-    try:
-        import mnist1d.data
-    except ImportError as exc:
-        raise DataError("zoo data 'mnist1d'", got="package mnist1d missing",
-                        expected="the mnist1d package", fix="pip install mnist1d") from exc
-    args = mnist1d.data.get_dataset_args()
-    args.num_samples, args.train_split, args.seed = int(n), 1.0, int(seed)
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        ds = mnist1d.data.make_dataset(args)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    ds = _make_mnist1d(num_samples=int(n), train_split=1.0, seed=int(seed))
     x = np.ascontiguousarray(np.asarray(ds["x"], dtype=np.float32)[:, None, :])  # (n, 1, 40)
     x.flags.writeable = False
     return x
