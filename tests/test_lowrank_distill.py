@@ -127,3 +127,43 @@ def test_bench_svd_minilm_rows_on_a_tiny_stand_in(monkeypatch):
     assert all(k in r for r in rows for k in ROW_KEYS)
     assert "FFN weights 16384 -> " in rows[0]["notes"] and rows[1]["compress_seconds"] > 0
     assert 0 < rows[0]["metric"] <= 1 and 0 < rows[1]["metric"] <= 1
+
+
+def test_length_buckets_keep_every_example_and_its_output():
+    from netpress.core.data import length_buckets
+
+    model, batches = _tiny_bert(), _batches(4, 2)
+    for b in batches:  # a target per row, to check it moves with its row
+        b.target = b.inputs["input_ids"][:, 0] * 100 + b.mask.sum(1)
+    buckets = length_buckets(batches)
+    real = sum(int(b.mask.sum()) for b in batches)
+    assert [b.size for b in buckets] == [16] * 4
+    assert sum(int(b.mask.sum()) for b in buckets) == real
+    padded = sum(b.mask.numel() for b in buckets)
+    assert padded < sum(b.mask.numel() for b in batches)
+    assert real / padded > 0.85  # 0.90 measured (0.71 before)
+    lengths = [int(n) for b in buckets for n in b.mask.sum(1)]
+    assert lengths == sorted(lengths)
+
+    def pooled(bs):  # row key (its target) -> mean-pooled output
+        out = {}
+        with torch.no_grad():
+            for b in bs:
+                m = b.mask.float()[..., None]
+                for key, e in zip(b.target.tolist(), (b.run(model) * m).sum(1) / m.sum(1),
+                                  strict=True):
+                    out.setdefault(key, []).append(e)
+        return out
+
+    before, after = pooled(batches), pooled(buckets)
+    assert sorted(before) == sorted(after)
+    for key in before:  # padding is masked out: every example's embedding is unchanged
+        for x, y in zip(sorted(before[key], key=lambda t: t.sum().item()),
+                        sorted(after[key], key=lambda t: t.sum().item()), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    # not right-padded token batches: returned as they are
+    left = [Batch({"input_ids": b.inputs["input_ids"], "attention_mask": b.mask.flip(1)})
+            for b in batches]
+    assert length_buckets(left) is left
+    plain = [Batch((torch.zeros(4, 3),), torch.zeros(4))]
+    assert length_buckets(plain) is plain
