@@ -68,7 +68,7 @@ class SmoothQuantLinear(nn.Module):
 
     @classmethod
     def from_float(cls, lin: nn.Linear, smooth: torch.Tensor, input_scale: float,
-                   zero_point: int, weight_scale: torch.Tensor | None = None
+                   zero_point: int, weight_scale: torch.Tensor | None = None, qmax: int = 127
                    ) -> SmoothQuantLinear:
         """Quantize ``lin``: int8 codes of ``W · diag(smooth)``, the given input quantizer.
 
@@ -76,7 +76,9 @@ class SmoothQuantLinear(nn.Module):
             lin: the float layer.
             smooth: ``(in_features,)`` positive factors.
             input_scale, zero_point: the uint8 quantizer of ``x / smooth``.
-            weight_scale: ``(out_features,)`` scales (default ``max|W·diag(s)| / 127`` per row).
+            weight_scale: ``(out_features,)`` scales (default ``max|W·diag(s)| / qmax`` per row).
+            qmax: the largest weight code (127; 63 against int8 overflow, see
+                :mod:`netpress.quantize.overflow`).
 
         Returns:
             The quantized layer.
@@ -90,9 +92,9 @@ class SmoothQuantLinear(nn.Module):
         s = smooth.detach().float().reshape(-1)
         w = lin.weight.detach().float() * s[None, :]
         if weight_scale is None:
-            weight_scale = w.abs().amax(1) / 127.0
+            weight_scale = w.abs().amax(1) / float(qmax)
         weight_scale = torch.where(weight_scale > 0, weight_scale, torch.ones_like(weight_scale))
-        codes = torch.clamp(torch.round(w / weight_scale[:, None]), -127, 127)
+        codes = torch.clamp(torch.round(w / weight_scale[:, None]), -qmax, qmax)
         with torch.no_grad():
             q.smooth.copy_(s)
             q.qweight.copy_(codes.to(torch.int8))

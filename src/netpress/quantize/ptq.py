@@ -72,6 +72,7 @@ from netpress.core.targeting import select
 from netpress.nn.ptq import W8A8Conv2d, W8A8Linear
 from netpress.quantize.fold import fold_batchnorm
 from netpress.quantize.observers import OBSERVERS, make_observer
+from netpress.quantize.overflow import OverflowFix, overflow_note, weight_bits
 
 if TYPE_CHECKING:
     import onnx
@@ -87,12 +88,16 @@ class PTQWeights(BaseModel):
         bits: 2..8 (codes stored in int8; 8 for W8A8 integer kernels).
         granularity: ``per_channel`` (default) or ``per_tensor``.
         observer: ``minmax`` (max|w|) or ``mse`` (per-channel MSE-optimal clipping).
+        overflow_fix: ``auto`` (7-bit codes for 8-bit weights where this CPU's int8 kernels
+            saturate, i.e. x86-64 without VNNI), ``on`` or ``off``; see
+            :mod:`netpress.quantize.overflow`.
     """
 
     model_config = ConfigDict(extra="forbid")
     bits: int = Field(default=8, ge=2, le=8)
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     observer: Literal["minmax", "mse"] = "minmax"
+    overflow_fix: OverflowFix = "auto"
 
 
 class PTQActivations(BaseModel):
@@ -523,11 +528,14 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
     float_model = copy.deepcopy(model) if keep_float else None
     fallbacks: dict[str, float] = {}
     per_channel_default = config.weights.granularity == "per_channel"
+    wcfg = config.weights.model_copy(update={"bits": weight_bits(config.weights.bits,
+                                                                 config.weights.overflow_fix)})
+    qmax = (1 << (wcfg.bits - 1)) - 1
     for name, m in chosen.items():
         node = nodes[name]
         per_channel = per_channel_default
         if not per_channel:
-            sq = per_tensor_sqnr(m.weight, config.weights.bits)
+            sq = per_tensor_sqnr(m.weight, wcfg.bits)
             if sq < config.per_tensor_min_sqnr_db:
                 if config.per_tensor_fallback:
                     fallbacks[name] = round(sq, 2)
@@ -538,13 +546,12 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         if name in out_quant:
             s_o, z_o, out_signed = _act_qparams(observers[out_quant[name]], a.symmetric)
             out_qp = (s_o, z_o)
-        ws = _weight_scale(m.weight, config.weights, per_channel, name)
+        ws = _weight_scale(m.weight, wcfg, per_channel, name)
         cls = W8A8Conv2d if isinstance(m, nn.Conv2d) else W8A8Linear
         q = cls.from_float(m, s_in, z_in, act_bits=a.bits, act_signed=signed_in,  # type: ignore[arg-type]
                            per_channel=per_channel, output_qparams=out_qp,
                            out_signed=out_signed, weight_scale=ws)
-        if config.weights.bits < 8:
-            qmax = (1 << (config.weights.bits - 1)) - 1
+        if wcfg.bits < 8:
             with torch.no_grad():
                 q.qweight.clamp_(-qmax, qmax)
         parent, _, child = name.rpartition(".")
@@ -557,8 +564,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         t_ada, o = time.perf_counter(), config.adaround
         layers = adaround(float_model, model, _first_inputs(batches, o.examples), sorted(chosen),
                           iters=o.iters, lr=o.lr, reg=o.reg, positions=o.positions,
-                          correct_bias=o.correct_bias, asymmetric=o.asymmetric,
-                          qmax=(1 << (config.weights.bits - 1)) - 1)
+                          correct_bias=o.correct_bias, asymmetric=o.asymmetric, qmax=qmax)
         ada = {"seconds": round(time.perf_counter() - t_ada, 2), "layers": layers}
     rec: dict[str, Any] = {}
     if float_model is not None and config.rounding == "brecq":
@@ -567,8 +573,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         t_rec, b = time.perf_counter(), config.brecq
         units = brecq(float_model, model, _first_inputs(batches, b.examples), sorted(chosen),
                       iters=b.iters, batch=b.batch, patch=b.patch, lr=b.lr, act_lr=b.act_lr,
-                      reg=b.reg, qdrop=b.qdrop, learn_act=b.learn_act, crop=b.crop,
-                      qmax=(1 << (config.weights.bits - 1)) - 1)
+                      reg=b.reg, qdrop=b.qdrop, learn_act=b.learn_act, crop=b.crop, qmax=qmax)
         rec = {"seconds": round(time.perf_counter() - t_rec, 2), "units": units}
     if float_model is not None and config.bias_correction:
         from netpress.quantize.bias_correction import bias_correct
@@ -590,6 +595,8 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         "adaround": ada, "brecq": rec, "searched_inputs": len(override),
         "seconds": round(time.perf_counter() - t0, 2),
         "execution": "integer kernels via the QDQ ONNX graph (ONNX Runtime / OpenVINO)",
+        "weight_bits": wcfg.bits,
+        "overflow_fix": overflow_note(config.weights.bits, config.weights.overflow_fix),
     }
     return model
 

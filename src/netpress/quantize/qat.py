@@ -51,15 +51,19 @@ from netpress.quantize.fakequant import (
     check_weight,
     fold_batchnorm,
 )
+from netpress.quantize.overflow import OverflowFix, overflow_note, weight_bits
 from netpress.train.loop import TrainConfig, fine_tune
 
 
 class QATWeights(BaseModel):
-    """Weight quantization of QAT: ``bits`` 2..8, symmetric, per output channel or per tensor."""
+    """Weight quantization of QAT: ``bits`` 2..8, symmetric, per output channel or per tensor;
+    ``overflow_fix`` (``auto`` / ``on`` / ``off``): 8-bit weights train and export as 7-bit codes
+    where int8 kernels saturate (:mod:`netpress.quantize.overflow`)."""
 
     model_config = ConfigDict(extra="forbid")
     bits: int = Field(default=4, ge=2, le=8, strict=True)
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    overflow_fix: OverflowFix = "auto"
 
 
 class QATActivations(BaseModel):
@@ -294,21 +298,23 @@ def quantize_qat(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -
     layers, kept = select_layers(model, config.targets, config.ignore, "qat")
     act = None if config.activations is None else {
         "mode": "int", "bits": config.activations.bits, "learn_scale": config.learn_scale}
-    plan = {name: {"mode": "int", "bits": config.weights.bits, "learn_scale": config.learn_scale,
+    wbits = weight_bits(config.weights.bits, config.weights.overflow_fix)
+    plan = {name: {"mode": "int", "bits": wbits, "learn_scale": config.learn_scale,
                    "per_channel": config.weights.granularity == "per_channel", "act": act}
             for name, _ in layers}
     wrappers = prepare(model, layers, plan)
     calibrate(model, wrappers, list(ctx.data or []))
     log = train(model, train_batches(ctx), config.finetune)
     converted = convert(model, wrappers)
-    ctx.report["qat"] = {"weights_bits": config.weights.bits, "granularity":
+    ctx.report["qat"] = {"weights_bits": wbits, "overflow_fix": overflow_note(
+                             config.weights.bits, config.weights.overflow_fix), "granularity":
                          config.weights.granularity, "activations_bits":
                          None if config.activations is None else config.activations.bits,
                          "learn_scale": config.learn_scale, "folded_bn": folded,
                          "layers": converted, "kept_float": kept, "finetune": log,
                          **size_summary(converted),
                          "execution": "ONNX QDQ: int8 weight codes (unpacked from packed "
-                         f"{config.weights.bits}-bit storage) and uint8 activations"}
+                         f"{wbits}-bit storage) and uint8 activations"}
     return model.eval()
 
 

@@ -54,15 +54,22 @@ from netpress.core.data import Batch, take_examples
 from netpress.core.errors import DataError, ModelError, RecipeError
 from netpress.core.targeting import select
 from netpress.nn.smooth import SmoothQuantLinear
+from netpress.quantize.overflow import OverflowFix, overflow_note, weight_qmax
 from netpress.quantize.qscheme import check_finite
 
 
 class SmoothWeights(BaseModel):
-    """``weights:`` of ``smoothquant``: int8, symmetric, per output channel (fixed)."""
+    """``weights:`` of ``smoothquant``: int8, symmetric, per output channel (fixed).
+
+    Attributes:
+        overflow_fix: ``auto`` / ``on`` / ``off``: 7-bit codes where int8 kernels saturate
+            (:mod:`netpress.quantize.overflow`).
+    """
 
     model_config = ConfigDict(extra="forbid")
     bits: Literal[8] = 8
     granularity: Literal["per_channel"] = "per_channel"
+    overflow_fix: OverflowFix = "auto"
 
 
 class SmoothActivations(BaseModel):
@@ -234,9 +241,10 @@ def quantize_smoothquant(model: nn.Module, config: TechniqueConfig, ctx: StageCo
         lo, hi = obs.range()
         scale, zp = range_to_qparams(torch.as_tensor(lo), torch.as_tensor(hi), 8, False, False)
         qparams[n] = (float(scale), int(zp))
+    qmax = weight_qmax(config.weights.bits, config.weights.overflow_fix)
     for name, m in layers.items():
         scale, zp = qparams[leader[name]]
-        q = SmoothQuantLinear.from_float(m, smooth[name], scale, zp)
+        q = SmoothQuantLinear.from_float(m, smooth[name], scale, zp, qmax=qmax)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     ctx.report["smoothquant"] = {
@@ -245,6 +253,7 @@ def quantize_smoothquant(model: nn.Module, config: TechniqueConfig, ctx: StageCo
         "calibration_examples": sum(b.size for b in batches),
         "max_smoothing": round(max(float(s.max()) for s in smooth.values()), 3),
         "seconds": round(time.perf_counter() - t0, 2),
+        "overflow_fix": overflow_note(config.weights.bits, config.weights.overflow_fix),
         "execution": "int8 QDQ graph (export_smoothquant_onnx): OpenVINO / ONNX Runtime integer "
                      "MatMul; torch: float emulation of the integer product",
     }
