@@ -52,6 +52,7 @@ from netpress.prune.scores import (
     sequential_runs,
     summary,
 )
+from netpress.quantize.sequential import trim_heap
 
 
 class SparseGPTPruneConfig(NMFields, OWLFields, TechniqueConfig):
@@ -155,8 +156,10 @@ def layer_stats(
     last: list[torch.Tensor] = []
 
     def add(key: str, value: torch.Tensor) -> None:
-        v = value.to(torch.float64)
-        acc[key] = acc[key] + v if key in acc else v
+        if key in acc:  # in place, the float32 value widened element by element (same sums)
+            acc[key].add_(value)
+        else:
+            acc[key] = value.to(torch.float64)
 
     def grab(rows: torch.Tensor) -> None:  # rows (N, cols)
         last.append(rows)
@@ -182,10 +185,10 @@ def layer_stats(
         raise RecipeError(name, got="a layer the calibration forward pass never reached",
                           expected="layers used by model(inputs)", fix=f"add {name!r} to `ignore`")
     out: dict[str, torch.Tensor | int] = {
-        "H": (2.0 / n * acc["H"]).to(torch.float32), "n": n,
+        "H": acc.pop("H").mul_(2.0 / n).to(torch.float32), "n": n,
         "mean": (acc["s"] / n).to(torch.float32)}
     if "G" in acc:
-        out["G"] = (2.0 / n * acc["G"]).to(torch.float32)
+        out["G"] = acc.pop("G").mul_(2.0 / n).to(torch.float32)
         out["mean_dense"] = (acc["sd"] / n).to(torch.float32)
     return out
 
@@ -351,12 +354,12 @@ def refit_kept(goal: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor, 
 
 def _upper_chol_inverse(H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of ``H⁻¹``, adding more damping if ``H`` is not positive definite."""
-    eye = torch.eye(H.shape[0])
     extra = 0.0
     for _ in range(8):
-        try:
-            L = torch.linalg.cholesky(H + extra * eye)
+        try:  # one (cols, cols) temporary alive at a time beside H (MiniLM FFN-out: 9 MiB each)
+            L = torch.linalg.cholesky(H + extra * torch.eye(H.shape[0]) if extra else H)
             Hinv = torch.cholesky_inverse(L)
+            del L
             return torch.linalg.cholesky(Hinv, upper=True)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             extra = max(extra * 10, 1e-6 * float(torch.diag(H).abs().mean()) + 1e-8)
@@ -497,6 +500,8 @@ def prune_sparsegpt(model: nn.Module, config: TechniqueConfig, ctx: StageContext
             for ln_name in norms_after.get(name, []):
                 norm_err[ln_name] = refit_norm(runs, ref_step[2], ln_name, by_model[ln_name],
                                                by_name[ln_name])
+        del st, H, mean, dense, goal, W
+        trim_heap()  # the layer's Hessian and its inverse, handed back before the next layer
     del dense_steps
     ctx.report["sparsegpt"] = summary(layers, reconstruction_loss=losses,
                                       seconds=time.perf_counter() - start,
