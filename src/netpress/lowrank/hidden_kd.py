@@ -19,7 +19,7 @@ Recipe spelling (inside the SVD stage; data: the run's ``train`` split, else cal
 
 Example:
     >>> import torch, torch.nn as nn
-    >>> from netpress.core.data import Batch, length_buckets
+    >>> from netpress.core.data import Batch
     >>> from netpress.lowrank.hidden_kd import HiddenDistillConfig, hidden_distill
     >>> from netpress.lowrank.svd import factorize_linear
     >>> _ = torch.manual_seed(0)
