@@ -36,7 +36,7 @@ def test_kd_rows_gap_against_the_stronger_baseline():
 
 
 @pytest.mark.parametrize("data", ["digits", "mnist1d"])
-def test_kd_setup_student_is_4x_smaller_and_alt_toggles_mixup(data):
+def test_kd_setup_student_is_4x_smaller_and_alt_differs(data):
     from netpress import zoo
     from netpress.distill import derive_student
     from netpress.measure import count_params
@@ -47,7 +47,10 @@ def test_kd_setup_student_is_4x_smaller_and_alt_toggles_mixup(data):
     teacher = zoo.load_model(bd.ZOO[data]) if spec is None else bd._member(data, spec["width"])
     assert count_params(teacher) / count_params(student) >= 4  # one member alone
     assert _augment(setup, "labels") == setup["augment"]
-    assert _augment(setup, "labels_alt")["mixup"] == setup["alt_mixup"] != setup["augment"]["mixup"]
+    assert _augment(setup, "labels_alt")["mixup"] == setup["alt_mixup"]
+    # the second baseline toggles mixup or trains longer
+    assert setup["alt_mixup"] != setup["augment"]["mixup"] or \
+        bd._epochs(setup, "labels_alt") > bd._epochs(setup, "labels") == setup["epochs"]
 
 
 def test_trained_teacher_feeds_kd_and_its_rows(monkeypatch):
@@ -55,7 +58,7 @@ def test_trained_teacher_feeds_kd_and_its_rows(monkeypatch):
     KD (and feature KD) teacher, and the rows report it and the zoo CNN separately."""
     from netpress import zoo
 
-    tiny = dict(KD_SETUP["mnist1d"], epochs=4,
+    tiny = dict(KD_SETUP["mnist1d"], epochs=4, test={"n": 500, "seed": 3},
                 teacher={"width": 4, "members": 2, "epochs": 4, "lr": 0.01,
                          "augment": {"shift": 3, "noise": 0.05}})
     monkeypatch.setitem(KD_SETUP, "mnist1d", tiny)
@@ -69,11 +72,18 @@ def test_trained_teacher_feeds_kd_and_its_rows(monkeypatch):
     torch.testing.assert_close(ens(x), (parts[0](x) + parts[1](x)) / 2)
     out = bd.kd_seed("mnist1d", 0, True, ("kd", "feature_kd"), members)
     assert set(out["acc"]) == {"kd", "feature_kd"}
+    assert set(out["test"]) == {"kd", "feature_kd"}  # scored on the generated test set too
     rows = kd_rows("mnist1d", [{**out, "acc": {**out["acc"], "labels": 0.5, "labels_alt": 0.4},
+                                "test": {**out["test"], "labels": 0.5, "labels_alt": 0.4},
                                 "secs": dict.fromkeys(KD_KINDS, 1.0)}], members)
     assert rows[0]["method"].startswith("teacher: ensemble of 2")
-    assert rows[0]["metric"] == round(bd._acc(ens, zoo.load_data("mnist1d").evaluation), 4)
+    assert rows[0]["metric"] == round(bd._acc(ens, bd.test_batches("mnist1d")), 4)
+    ev = bd._acc(ens, zoo.load_data("mnist1d").evaluation)
+    assert f"evaluation split (1000): {ev:.4f}" in rows[0]["notes"]
+    assert all(r["metric_name"] == "accuracy (test 500)" for r in rows)
     assert "not the KD teacher" in rows[1]["method"]
+    # one member: the plain CNN (its layer names serve feature KD directly)
+    assert isinstance(bd.kd_teacher("mnist1d", members[:1]), torch.nn.Sequential)
     with pytest.raises(ValueError, match="teacher members"):
         bd.kd_teacher("mnist1d", None)
 
@@ -85,6 +95,7 @@ def test_transfer_kd_uses_unlabelled_inputs_and_gets_its_own_row(monkeypatch):
     tiny = dict(KD_SETUP["mnist1d"], width=0.125, epochs=4,
                 transfer={"n": 300, "seed": 7, "epochs": 4})
     tiny.pop("teacher", None)
+    tiny.pop("test", None)
     monkeypatch.setitem(KD_SETUP, "mnist1d", tiny)
     assert bd.kd_kinds("mnist1d")[-1] == "kd_transfer" and "kd_transfer" not in bd.kd_kinds("digits")
     tb, info = bd.transfer_batches("mnist1d", 128)
@@ -117,3 +128,11 @@ def test_case_filter(monkeypatch):
     monkeypatch.setenv("NETPRESS_BENCH_DISTILL_CASES", "kd_mnist1d, deep_compression_mlp")
     assert bd._wanted("kd_mnist1d") and bd._wanted("deep_compression_mlp300_100")
     assert not bd._wanted("kd_digits") and not bd._wanted("tucker_mnist1d")
+
+
+def test_test_set_is_held_out_from_the_transfer_set(monkeypatch):
+    monkeypatch.setitem(KD_SETUP, "mnist1d", dict(KD_SETUP["mnist1d"], test={"n": 20, "seed": 1},
+                                                  transfer={"n": 20, "seed": 1, "epochs": 1}))
+    with pytest.raises(ValueError, match="share seed 1"):
+        bd.test_batches("mnist1d")
+    assert bd.test_batches("digits") is None

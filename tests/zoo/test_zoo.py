@@ -406,3 +406,14 @@ def test_unlabeled_bad_arguments(n, seed):
     with pytest.raises(DataError) as err:
         sources.mnist1d_unlabeled.__wrapped__(n, seed=seed)
     assert err.value.fix and "mnist1d_unlabeled" in err.value.where
+
+
+def test_generated_is_the_labelled_draw_of_the_same_inputs():
+    x, y = sources.mnist1d_generated(40, seed=3)
+    assert x.shape == (40, 1, 40) and y.shape == (40,) and y.dtype == np.int64
+    assert not x.flags.writeable and not y.flags.writeable
+    np.testing.assert_array_equal(x, sources.mnist1d_unlabeled.__wrapped__(40, seed=3))
+    assert np.bincount(y, minlength=10).tolist() == [4] * 10  # n // 10 per digit template
+    with pytest.raises(DataError) as err:
+        sources.mnist1d_generated.__wrapped__(20, seed=42)
+    assert "mnist1d_generated" in err.value.where
