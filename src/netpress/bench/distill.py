@@ -97,8 +97,8 @@ KD_SETUP: dict[str, dict[str, Any]] = {
     # Session 14 (probe, not rows; AMD EPYC): on the zoo split the gap is 0.86 pt = 4.6 of 540
     # images, so the figure swings with one image per seed (87 % on the Xeon, 50 % here). Over
     # ten stratified 70/30 splits (sklearn random_state 0..9, split 0 = the zoo split; a teacher
-    # per split by the zoo recipe, 3 student seeds each; a standalone script over the same
-    # functions) this set-up recovers 50 % of the pooled gap (teacher 0.9917, best labels-only
+    # per split by the zoo recipe, 3 student seeds each; scripts/probe_digits_kd_splits.py)
+    # this set-up recovers 50 % of the pooled gap (teacher 0.9917, best labels-only
     # 0.9782, KD 0.9849; per split -44 % .. 95 %). Variants chosen on four other splits
     # (random_state 10..13; 53 % there for this set-up): width 0.375 48 %, alpha 1 no better,
     # 120 epochs for every kind 66 %, but 50 % on five of the ten evaluation splits.
