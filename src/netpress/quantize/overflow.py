@@ -21,9 +21,10 @@ the integer simulation with 8-bit codes, 0.30 % with 7-bit codes. MobileNetV2, d
 8-bit codes on OpenVINO 0.5925 / 0.8177 while their torch simulation gives 0.8325 / 0.9704 (the
 runtime, not the model, is wrong; ONNX Runtime's exact kernels 0.8275 / 0.9557, its default ones
 0.6475 / 0.8818); 7-bit codes 0.7525 / 0.9458 on OpenVINO, as their simulation. The bit could
-come off the activations instead (uint8 codes 0..127: 0.8100 / 0.9606 measured), but the QDQ
-graph's uint8 QuantizeLinear does not clamp at 127, so activations above the calibrated range
-could still overflow: that needs a Clip in the exported graph and is not done.
+come off the activations instead (``activations: {bits: 7}``, ``overflow_fix: off``; the QDQ
+export puts a ``Clip`` at 0..127 before their QuantizeLinear): OpenVINO 0.7975 / 0.9409 against
+its simulation's 0.8175 / 0.9458, better on all crops but not on the confident ones, and still
+off the simulation, so it is not the default.
 
 Example:
     >>> weight_qmax(8, "off"), weight_qmax(8, "on"), weight_qmax(4, "on")

@@ -48,6 +48,7 @@ import torch.nn as nn
 from onnx import helper, numpy_helper
 
 from netpress.core.data import Batch
+from netpress.quantize.observers import code_range
 
 LINEAR_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -73,8 +74,7 @@ class QuantAct:
 
     def float_range(self) -> tuple[float, float]:
         """The float interval whose codes stay in the ``bits``-wide range."""
-        lo, hi = (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if self.signed \
-            else (0, (1 << self.bits) - 1)
+        lo, hi = code_range(self.bits, False, self.signed)
         return (lo - self.zero_point) * self.scale, (hi - self.zero_point) * self.scale
 
 

@@ -183,17 +183,18 @@ def _mnist1d_draw(n: int, seed: int, where: str) -> tuple[np.ndarray, np.ndarray
     ds = _make_mnist1d(num_samples=int(n), train_split=1.0, seed=int(seed))
     x = np.asarray(ds["x"], dtype=np.float32)[:, None, :]  # (n, 1, 40)
     y = np.asarray(ds["y"], dtype=np.int64)  # (n,)
-    x, y, _, _ = _readonly(x, y, x[:0], y[:0])
-    return x, y
+    return _frozen(x), _frozen(y)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """A contiguous, read-only copy (or view) of ``a``."""
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
 
 
 def _readonly(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray) -> Split:
-    out = []
-    for a in (x_tr, y_tr, x_te, y_te):
-        a = np.ascontiguousarray(a)
-        a.flags.writeable = False
-        out.append(a)
-    return out[0], out[1], out[2], out[3]
+    return _frozen(x_tr), _frozen(y_tr), _frozen(x_te), _frozen(y_te)
 
 
 # ---------------------------------------------------------------------------------------------
