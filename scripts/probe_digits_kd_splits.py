@@ -37,22 +37,30 @@ def run_split(split: int, kinds: list[str], overrides: dict) -> dict:
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = (torch.from_numpy(a) for a in train_test_split(
         x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=split))
-    spec = TRAINED["digits_cnn"][2]
-    torch.manual_seed(spec.seed)
-    teacher = digits_cnn(spec.width)
-    _fit(teacher, xtr, ytr, spec)
-    teacher.eval()
     train = [Batch((xtr[i:i + 32],), ytr[i:i + 32]) for i in range(0, len(xtr), 32)]
     test = [Batch((xte,), yte)]
     s = {**bd.KD_SETUP["digits"], **overrides}
+    if "teacher" in s:  # bench-trained teacher (KD_SETUP "teacher" block), one member
+        t = s["teacher"]
+        torch.manual_seed(0)
+        teacher = digits_cnn(t["width"])
+        fine_tune(teacher, train, TrainConfig(epochs=t["epochs"], lr=t["lr"], seed=0),
+                  augmented_ce(t["augment"], 0))
+    else:  # the zoo recipe
+        spec = TRAINED["digits_cnn"][2]
+        torch.manual_seed(spec.seed)
+        teacher = digits_cnn(spec.width)
+        _fit(teacher, xtr, ytr, spec)
+    teacher.eval()
+    student_of = digits_cnn(TRAINED["digits_cnn"][2].width)  # as the bench: the zoo CNN narrowed
     out: dict = {"split": split, "cfg": overrides, "teacher": bd._acc(teacher, test), "acc": {}}
     for kind in kinds:
         accs = []
         for seed in (0, 1, 2):
-            st = derive_student(teacher, width=s["width"], seed=seed)
+            st = derive_student(student_of, width=s["width"], seed=seed)
             if kind.startswith("labels"):
-                aug = dict(s["augment"], mixup=s["alt_mixup"]) if kind == "labels_alt" \
-                    else s["augment"]
+                aug = dict(s.get("alt_augment", s["augment"]), mixup=s["alt_mixup"]) \
+                    if kind == "labels_alt" else s["augment"]
                 epochs = s.get("alt_epochs", s["epochs"]) if kind == "labels_alt" else s["epochs"]
                 fine_tune(st, train, TrainConfig(epochs=epochs, lr=s["lr"], seed=seed),
                           augmented_ce(aug, seed))

@@ -41,7 +41,36 @@ def test_noise_scale_and_token_inputs_rejected():
     with pytest.raises(DataError, match="augment"):
         augment_batch(ids, AugmentConfig(shift=1), torch.Generator())
     with pytest.raises(ValueError):
-        AugmentConfig(shift=1, rotate=3)
+        AugmentConfig(shift=1, blur=3)
+    with pytest.raises(DataError, match="image batches"):
+        augment_batch(Batch((x,)), AugmentConfig(rotate=10), torch.Generator())
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    """Centre of mass (row, col) of each image of a (B, 1, H, W) batch."""
+    h, w = x.shape[-2:]
+    rows, cols = torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype)
+    m = x.sum((1, 2, 3))
+    return torch.stack([(x.sum((1, 3)) * rows).sum(1) / m, (x.sum((1, 2)) * cols).sum(1) / m], 1)
+
+
+def test_affine_warp_moves_each_image_by_its_own_draw():
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    blob = torch.exp(-((yy - 7.5) ** 2 + (xx - 9.5) ** 2) / 2.0)  # 2 px right of the centre
+    x = blob.expand(64, 1, 16, 16).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    same, _ = augment_batch(Batch((x,)), AugmentConfig(translate=1e-6), gen)
+    assert torch.allclose(same.inputs[0], x, atol=1e-5)  # the grid maps pixel centres exactly
+    moved, _ = augment_batch(Batch((x,)), AugmentConfig(translate=1.0), gen)
+    d = _centre(moved.inputs[0]) - _centre(x)
+    assert d.abs().max() <= 1.0 + 1e-3 and d.std(0).min() > 0.3  # per-example offsets in [-1, 1]
+    turned, _ = augment_batch(Batch((x,)), AugmentConfig(rotate=90), gen)
+    c = _centre(turned.inputs[0]) - 7.5
+    assert torch.allclose(c.norm(dim=1), torch.full((64,), 2.0), atol=0.05)  # same radius
+    angles = torch.rad2deg(torch.atan2(c[:, 0], c[:, 1]))
+    assert angles.abs().max() <= 90.5 and angles.std() > 30  # angles spread over [-90, 90]
+    mass = turned.inputs[0].sum((1, 2, 3))
+    assert torch.allclose(mass, x.sum((1, 2, 3)), rtol=0.02)  # bilinear: measured within 0.8 %
 
 
 def test_augmented_distillation_trains():

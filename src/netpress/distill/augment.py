@@ -1,4 +1,5 @@
-"""Input augmentation for distillation and its label-only baseline: ``augment: {shift, noise, mixup}``.
+"""Input augmentation for distillation and its label-only baseline: ``augment: {shift, noise, mixup,
+rotate, scale, translate}``.
 
 KD transfers the teacher's *function*; showing the student the teacher's answers on perturbed inputs
 (shifted, noisy, mixed examples) transfers more of it than the training points alone (Beyer et al.
@@ -7,6 +8,9 @@ mixed labels), so a comparison stays fair.
 
 * ``shift``: circular shift by a uniform integer in ``[-shift, shift]`` along the last axis (1-D
   signals) or each of the last two (images), one draw per batch.
+* ``rotate`` / ``scale`` / ``translate`` (images only): a random affine warp per example, angle
+  uniform in ``[-rotate, rotate]`` degrees, zoom in ``[1-scale, 1+scale]``, sub-pixel offset in
+  ``[-translate, translate]`` pixels along each axis (bilinear, zero outside the image).
 * ``noise``: Gaussian noise of ``noise`` times the batch's standard deviation.
 * ``mixup``: convex mixes ``λ·x + (1-λ)·x[perm]``, ``λ ~ Beta(mixup, mixup)`` per example;
   the label term then uses ``λ·CE(y) + (1-λ)·CE(y[perm])``.
@@ -46,10 +50,38 @@ class AugmentConfig(BaseModel):
     shift: int = Field(default=0, ge=0, le=1000)
     noise: float = Field(default=0.0, ge=0, le=10)
     mixup: float = Field(default=0.0, ge=0, le=100)
+    rotate: float = Field(default=0.0, ge=0, le=180)
+    scale: float = Field(default=0.0, ge=0, lt=1)
+    translate: float = Field(default=0.0, ge=0, le=1000)
 
     @property
     def active(self) -> bool:
-        return bool(self.shift or self.noise or self.mixup)
+        return bool(self.shift or self.noise or self.mixup or self.warps)
+
+    @property
+    def warps(self) -> bool:
+        return bool(self.rotate or self.scale or self.translate)
+
+
+def _warp(x: torch.Tensor, config: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """A random affine warp per example of an image batch ``(B, C, H, W)``."""
+    if x.dim() != 4:
+        raise DataError("distill.augment", got=f"inputs of shape {tuple(x.shape)} with rotate / "
+                        "scale / translate", expected="image batches (B, C, H, W)",
+                        fix="use shift / noise / mixup for non-image data")
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+
+    def uniform(bound: float) -> torch.Tensor:
+        return (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+
+    angle = torch.deg2rad(uniform(config.rotate))
+    zoom = 1.0 + uniform(config.scale)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # affine_grid maps output to input coordinates in [-1, 1]: a pixel is 2/W (2/H) wide
+    tx, ty = uniform(config.translate) * 2 / w, uniform(config.translate) * 2 / h
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def augment_batch(batch: Batch, config: AugmentConfig,
@@ -71,6 +103,8 @@ def augment_batch(batch: Batch, config: AugmentConfig,
         dims = (-1,) if x.dim() <= 3 else (-2, -1)
         s = torch.randint(-config.shift, config.shift + 1, (len(dims),), generator=gen).tolist()
         x = torch.roll(x, tuple(s), dims=dims)
+    if config.warps:
+        x = _warp(x, config, gen)
     if config.noise:
         x = x + config.noise * x.std() * torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     mix = None
