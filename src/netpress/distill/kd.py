@@ -61,8 +61,8 @@ class DistillConfig(TechniqueConfig):
         student: ``{derive: {width, depth}}`` to derive a student instead of using the input model.
         keep_sparsity: keep weights that are zero at the start at zero (recovery after pruning).
         data: ``train`` (the data's fine-tuning split) or ``calibration``.
-        augment: input augmentation (shift / noise / mixup; see :mod:`netpress.distill.augment`):
-            teacher and student see the same perturbed batch.
+        augment: input augmentation (shift / noise / mixup / affine warps of images; see
+            :mod:`netpress.distill.augment`): teacher and student see the same perturbed batch.
         epochs, lr, optimizer, weight_decay, max_steps, seed: the training run.
         checkpoint_dir, checkpoint_every: resumable training (see :class:`TrainConfig`).
         device: where teacher and student train (``cpu``, ``cuda``, ``cuda:N``, ``auto``; see
