@@ -85,6 +85,22 @@ def test_unknown_bench_suite(monkeypatch, capsys, tmp_path):
     assert code == 2 and "magnitude" in err
 
 
+def test_bench_without_its_peer_toolkit_says_how_to_install_it(monkeypatch, capsys, tmp_path):
+    from netpress import bench
+
+    def needs_peer(quick: bool) -> list:
+        import netpress_absent_peer  # noqa: F401  (stands in for nncf)
+        return []
+
+    monkeypatch.setattr(sys.modules[__name__], "needs_peer", needs_peer, raising=False)
+    monkeypatch.setitem(bench.SUITES, "peer_probe", [f"{__name__}:needs_peer"])
+    out = tmp_path / "b.json"
+    code, _, err = run_cli(monkeypatch, capsys, "bench", "peer_probe", "--out", str(out))
+    assert code == 2 and "internal error" not in err
+    assert "netpress_absent_peer" in err and "scripts/install --bench" in err
+    assert not out.exists() and not list(tmp_path.iterdir())  # nothing half-written
+
+
 @pytest.mark.real
 def test_compress_writes_dir_and_reloads_exactly(tmp_path, monkeypatch, capsys):
     recipe = write(tmp_path, "r.json", json.dumps(DIGITS))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from netpress.core.errors import RecipeError
+from netpress.core.errors import DependencyError, RecipeError
 
 ROW_KEYS = ("suite", "case", "tool", "method", "metric_name", "metric", "size_bytes",
             "latency_ms", "speedup_vs_fp32", "compress_seconds")
@@ -65,6 +65,8 @@ def run_suite(
 
     Raises:
         RecipeError: unknown suite (lists the known ones).
+        DependencyError: a package the suite runs (a peer such as ``nncf``) is not installed;
+            nothing is written.
     """
     if name not in SUITES:
         raise RecipeError("bench suite", got=name, expected=f"one of {', '.join(suite_names())}",
@@ -77,7 +79,13 @@ def run_suite(
     for part in SUITES[name]:
         module, func = part.split(":")
         fn: Callable[[bool], list[dict[str, Any]]] = getattr(importlib.import_module(module), func)
-        rows += fn(quick)
+        try:
+            rows += fn(quick)
+        except ModuleNotFoundError as exc:
+            raise DependencyError(f"bench suite {name}", got=f"no module {exc.name!r}",
+                                  expected="the peer toolkits the benchmarks run side by side",
+                                  fix="install them with `scripts/install --bench` (or "
+                                      "`pip install -e '.[bench]'`) and run the suite again") from exc
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -86,6 +86,10 @@ class ArtifactError(NetpressError):
     """An artifact directory is missing files, tampered with, or cannot be written."""
 
 
+class DependencyError(NetpressError):
+    """A Python package that this command needs (e.g. a peer toolkit a benchmark runs) is missing."""
+
+
 class ConstraintError(NetpressError):
     """A run finished but its result violates a user constraint (e.g. ``--max-drop``)."""
 
@@ -98,5 +102,6 @@ __all__ = [
     "ModelError",
     "DataError",
     "ArtifactError",
+    "DependencyError",
     "ConstraintError",
 ]
