@@ -141,7 +141,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     runners = {
         "ort_fp32": (OnnxRunner(fp32, THREADS), "onnxruntime", "fp32", "fp32", fp32, None),
         "ov_default": (OpenVinoRunner(fp32, THREADS), "openvino", "fp32",
-                       "fp32 model, OpenVINO default precision (bf16 on AMX)", fp32, None),
+                       "fp32 model, OpenVINO default precision (bf16 where the CPU has it)", fp32, None),
         "ov_f32": (OpenVinoRunner(fp32, THREADS, precision="f32"), "openvino", "fp32",
                    "fp32 model, strict f32", fp32, None),
         **{f"np{tag}_ort": (OnnxRunner(p, THREADS), "netpress", "ptq",
