@@ -15,7 +15,9 @@ Rows:
     OpenVINO (and on ONNX Runtime); the anchors NNCF ``nncf.quantize(model_type=TRANSFORMER)`` ->
     OpenVINO int8 and OpenVINO without quantization (default precision: f32 on a CPU without
     bf16 support, bf16 where AMX / avx512_bf16 exist; netpress is then also timed with an f32
-    hint);
+    hint); each OpenVINO int8 model and OpenVINO fp32 are also timed compiled for the timed
+    batch's static input shapes (``..., static shapes`` rows: latency only; their cosine is the
+    dynamic-shape model's, as every evaluation batch has its own sequence length);
   * ``minilm_w4_g32`` / ``minilm_w4_g128`` / ``minilm_w3_g32`` / ``minilm_w3_g128``: netpress rtn,
     gptq, awq (cosine from torch; int4 latency from ONNX Runtime ``MatMulNBits``); anchor ONNX
     Runtime's ``MatMulNBitsQuantizer`` (RTN) at 4 bits. ``size_bytes`` of weight-only rows counts
@@ -109,11 +111,27 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     feeds = r_fp.feeds(example)
     core = ov.Core()
 
-    def ov_compile(path: Path, precision: str | None = None) -> Any:
+    def ov_compile(model: Path | Any, precision: str | None = None, static: bool = False) -> Any:
+        """``static``: the model reshaped to the timed batch's exact input shapes first (OpenVINO
+        then compiles for that one shape instead of dynamic batch and sequence dimensions)."""
         cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": THREADS}
         if precision:
             cfg["INFERENCE_PRECISION_HINT"] = precision
-        return core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        m = core.read_model(str(model)) if isinstance(model, Path) else model.clone()
+        if static:
+            m.reshape({k: list(v.shape) for k, v in feeds.items()})
+        return core.compile_model(m, "CPU", cfg)
+
+    shape = "x".join(str(d) for d in next(iter(feeds.values())).shape)
+    static_note = (f"; static shapes: compiled for the timed batch's {shape} inputs (cosine of the "
+                   "same model with dynamic shapes, which every evaluation batch needs)")
+
+    def add_static(key: str, model: Path | Any, precision: str | None = None) -> None:
+        """A latency-only twin of row ``key``, compiled for the timed input shapes."""
+        c = ov_compile(model, precision, static=True)
+        fns[f"{key}_static"] = (lambda c=c: c(feeds))
+        info[f"{key}_static"] = dict(info[key], method=f"{info[key]['method']}, static shapes",
+                                     notes=info[key]["notes"] + static_note)
 
     def ort_cos(path: Path) -> tuple[float, OnnxRunner]:
         r = OnnxRunner(path, THREADS)
@@ -178,6 +196,7 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
                               runtime="openvino", metric=ov_cos(c_def), compress_seconds=0.0,
                               size_bytes=file_bytes(fp32),
                               notes=f"default inference precision (here {prec})")
+    add_static("ov_default", fp32)
     t = time.perf_counter()
     qs = netpress.quantize(copy.deepcopy(model), {"method": "smoothquant", "alpha": SQ_ALPHA},
                            data=cal)
@@ -195,6 +214,7 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
                          runtime="openvino", metric=ov_cos(c_sq), compress_seconds=secs,
                          size_bytes=file_bytes(tmp / "sq.onnx"),
                          notes=f"{sq_note}; precision hint {prec_hint or 'default (' + prec + ')'}")
+    add_static("np_sq_ov_default", tmp / "sq.onnx")
     cos, r_sq = ort_cos(tmp / "sq.onnx")
     fns["np_sq_ort"] = lambda: r_sq.session.run(None, feeds)
     info["np_sq_ort"] = dict(case="minilm_int8_static", tool="netpress", method="smoothquant",
@@ -213,6 +233,7 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
         info["nncf"] = dict(case="minilm_int8_static", tool="nncf", method="nncf.quantize TRANSFORMER",
                             runtime="openvino", metric=ov_cos(c_nncf), compress_seconds=secs,
                             size_bytes=0, notes="OpenVINO int8")
+        add_static("nncf", q_ov)
     except Exception as exc:  # noqa: BLE001 - an anchor failing is reported, not fatal
         rows.append(row(**base, case="minilm_int8_static", tool="nncf", method="nncf.quantize",
                         metric=None, size_bytes=0, latency_ms=None, speedup_vs_fp32=None,
