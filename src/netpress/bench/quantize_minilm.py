@@ -4,7 +4,8 @@ all-MiniLM-L6-v2, with the anchors in the same process.
 Metric: mean cosine between the fp32 and the quantized sentence embeddings (token states mean-pooled
 by the attention mask) on the ``sentences`` evaluation split (573 sentences; calibration uses the
 disjoint calibration split). Latency: batch 32 (the first evaluation batch), 2 threads, all
-candidates timed round-robin in one loop so the ratios hold on a shared machine; the speed-up is
+candidates timed in interleaved rounds in one loop so the ratios hold on a shared machine (each
+candidate's timed calls back to back after two warm-up calls: :data:`ROUNDS`); the speed-up is
 against ONNX Runtime fp32 of the same model.
 
 Rows:
@@ -48,17 +49,26 @@ def _cos(outputs: list[torch.Tensor], batches: list[Any], ref: list[torch.Tensor
     return float(compute_metric("cosine", outputs, batches, ref))
 
 
+#: interleaved rounds; in each, every candidate runs 2 untimed warm-up calls, then its timed calls
+#: back to back. Timing one call per candidate in turn was biased: ONNX Runtime's worker threads
+#: keep spinning after a run and, on 2 cores, slowed whichever call came next by ~45 % (OpenVINO
+#: smoothquant 58.8 ms right after the ORT fp32 session vs 40.1 ms for an identical model after
+#: another one); idle pauses instead (50 ms) removed that but added ~5 ms of cold start to each call
+ROUNDS = 4
+
+
 def _round_robin(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
-    """Median ms of every callable, timed interleaved."""
+    """Median ms of every callable over ``runs`` timed calls, in :data:`ROUNDS` interleaved rounds."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-        f()
-    for _ in range(runs):
+    per_round = max(1, runs // ROUNDS)
+    for _ in range(ROUNDS):
         for k, f in fns.items():
-            t = time.perf_counter()
             f()
-            times[k].append(time.perf_counter() - t)
+            f()
+            for _ in range(per_round):
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
     return {k: float(np.median(v) * 1000) for k, v in times.items()}
 
 
