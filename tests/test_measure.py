@@ -401,3 +401,18 @@ def test_collect_outputs_unwraps_and_restores_mode():
         first_tensor({"a": "text"})
     with pytest.raises(DataError):
         collect_outputs(model, [])
+
+
+def test_minilm_bench_times_each_candidate_after_its_own_warm_up(monkeypatch):
+    """bench/quantize_minilm: in every round each candidate gets two untimed calls and then its
+    timed calls back to back, so another runtime's spinning threads only reach the warm-up."""
+    from netpress.bench import quantize_minilm as qm
+
+    log: list[str] = []
+    clock = iter(range(10_000))
+    monkeypatch.setattr(qm.time, "perf_counter", lambda: float(next(clock)))
+    fns = {k: (lambda k=k: log.append(k)) for k in ("ort", "ov")}
+    ms = qm._round_robin(fns, runs=8)
+    per_round = 8 // qm.ROUNDS
+    assert log == (["ort"] * (2 + per_round) + ["ov"] * (2 + per_round)) * qm.ROUNDS
+    assert ms == {"ort": 1000.0, "ov": 1000.0}  # one fake tick per timed call
