@@ -2,8 +2,9 @@
 
 On the zoo split the KD gap is a handful of the 540 evaluation images, so the bench's "gap
 recovered" swings by several points per image. This script re-draws the split with sklearn's
-``random_state=SPLIT`` (0 is the zoo split), trains a teacher per split with the zoo recipe,
-then three student seeds per kind with the bench's ``KD_SETUP["digits"]`` (overrides as JSON),
+``random_state=SPLIT`` (0 is the zoo split), trains a teacher per split (the set-up's ``teacher``
+block as the bench does, else the zoo recipe), then three student seeds per kind with the bench's
+``KD_SETUP["digits"]`` (overrides as JSON; students narrowed from the zoo CNN, as in the bench),
 and prints one JSON line per split. Summarise the lines with ``--summary FILE``.
 
 Usage:
