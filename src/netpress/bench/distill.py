@@ -116,7 +116,8 @@ KD_SETUP: dict[str, dict[str, Any]] = {
     # zoom 0.15, 1.5 px: labels and KD both lower), Hinton's protocol (no augmentation for either
     # student, the warp-trained teacher: 29 %; 4 channels: labels 0.9901, KD 0.9895). On the ten
     # evaluation splits 0..9 this set-up gives teacher 0.9957, labels-only 0.9933 (120 epochs) /
-    # 0.9925 (40), KD 0.9941: 35 % of a 0.24-pt gap (1.3 images of 540 per split). With
+    # 0.9925 (40), KD 0.9941: 35 % of a 0.24-pt gap (1.3 images of 540 per split); feature KD
+    # 0.9933 (0 %). With
     # augmentation that suits 8x8 digits, a student 13.5x smaller nearly matches the teacher, and
     # the 80 % target is out of reach of what these 540-image splits can resolve.
     # Session 14 (probe, not rows; AMD EPYC): on the zoo split the gap is 0.86 pt = 4.6 of 540
