@@ -44,7 +44,7 @@ def run_split(split: int, kinds: list[str], overrides: dict) -> dict:
     if "teacher" in s:  # bench-trained teacher (KD_SETUP "teacher" block), one member
         t = s["teacher"]
         torch.manual_seed(0)
-        teacher = digits_cnn(t["width"])
+        teacher = bd._member("digits", t["width"])
         fine_tune(teacher, train, TrainConfig(epochs=t["epochs"], lr=t["lr"], seed=0),
                   augmented_ce(t["augment"], 0))
     else:  # the zoo recipe
@@ -60,11 +60,8 @@ def run_split(split: int, kinds: list[str], overrides: dict) -> dict:
         for seed in (0, 1, 2):
             st = derive_student(student_of, width=s["width"], seed=seed)
             if kind.startswith("labels"):
-                aug = dict(s.get("alt_augment", s["augment"]), mixup=s["alt_mixup"]) \
-                    if kind == "labels_alt" else s["augment"]
-                epochs = s.get("alt_epochs", s["epochs"]) if kind == "labels_alt" else s["epochs"]
-                fine_tune(st, train, TrainConfig(epochs=epochs, lr=s["lr"], seed=seed),
-                          augmented_ce(aug, seed))
+                fine_tune(st, train, TrainConfig(epochs=bd._epochs(s, kind), lr=s["lr"], seed=seed),
+                          augmented_ce(bd._augment(s, kind), seed))
             else:  # kd or feature_kd (the bench's hint layers)
                 cfg = {"method": kind, "epochs": s["epochs"], "lr": s["lr"], "seed": seed,
                        "temperature": s["T"], "alpha": s["alpha"], "augment": s["augment"]}

@@ -101,25 +101,22 @@ KD_SETUP: dict[str, dict[str, Any]] = {
                "teacher": {"width": 32, "epochs": 120, "lr": 0.01, "members": 1,
                            "augment": {"noise": 0.05, "rotate": 12, "scale": 0.1,
                                        "translate": 1.0}}},
-    # Session 15 (probes on selection splits 10..13 of scripts/probe_digits_kd_splits.py, 3 student
-    # seeds, means; the student has 8 channels = this set-up's width 0.5 of the zoo CNN, except
-    # the zoo-teacher runs, width 0.25 = 4 channels as before): the earlier set-up (zoo teacher;
-    # circular shift 1 + noise + mixup for every student) had a weak label-only baseline - the
-    # same student trained on labels with *no*
-    # augmentation reaches 0.9901 (40 epochs) against 0.9767 / 0.9787 with that augmentation, and
-    # KD 0.9880 was below it. A random affine warp per image (rotate 12 deg, zoom 0.1, sub-pixel
-    # translate 1 px; augment.py) helps every model: labels-only 0.9921 (40 epochs) / 0.9938
-    # (120), a width-32 teacher trained with it 0.9967 (zoo recipe 0.9958); KD from that teacher
-    # with the same warps 0.9952 (40 epochs) / 0.9955 (120) = 47 % / 58 % of the 0.3-pt gap
-    # (1.6 images of 540 per split). Also tried there: warps with the zoo teacher (KD 0.9878 vs
-    # labels 0.9864, 15 %; at 120 epochs labels 0.9914 > KD 0.9903), stronger warps (rotate 20,
-    # zoom 0.15, 1.5 px: labels and KD both lower), Hinton's protocol (no augmentation for either
-    # student, the warp-trained teacher: 29 %; 4 channels: labels 0.9901, KD 0.9895). On the ten
-    # evaluation splits 0..9 this set-up gives teacher 0.9957, labels-only 0.9933 (120 epochs) /
-    # 0.9925 (40), KD 0.9941: 35 % of a 0.24-pt gap (1.3 images of 540 per split); feature KD
-    # 0.9933 (0 %). With
-    # augmentation that suits 8x8 digits, a student 13.5x smaller nearly matches the teacher, and
-    # the 80 % target is out of reach of what these 540-image splits can resolve.
+    # Session 15 (probes on selection splits 10..13 of scripts/probe_digits_kd_splits.py, 3 student seeds,
+    # means; the student has 8 channels = this set-up's width 0.5 of the zoo CNN, except the zoo-teacher runs,
+    # width 0.25 = 4 channels as before): the earlier set-up (zoo teacher; circular shift 1 + noise + mixup
+    # for every student) had a weak label-only baseline - the same student trained on labels with *no*
+    # augmentation reaches 0.9901 (40 epochs) against 0.9767 / 0.9787 with that augmentation, and KD 0.9880
+    # was below it. A random affine warp per image (rotate 12 deg, zoom 0.1, sub-pixel translate 1 px;
+    # augment.py) helps every model: labels-only 0.9921 (40 epochs) / 0.9938 (120), a width-32 teacher trained
+    # with it 0.9967 (zoo recipe 0.9958); KD from that teacher with the same warps 0.9952 (40 epochs) / 0.9955
+    # (120) = 47 % / 58 % of the 0.3-pt gap (1.6 images of 540 per split). Also tried there: warps with the
+    # zoo teacher (KD 0.9878 vs labels 0.9864, 15 %; at 120 epochs labels 0.9914 > KD 0.9903), stronger warps
+    # (rotate 20, zoom 0.15, 1.5 px: labels and KD both lower), Hinton's protocol (no augmentation for either
+    # student, the warp-trained teacher: 29 %; 4 channels: labels 0.9901, KD 0.9895). On the ten evaluation
+    # splits 0..9 this set-up gives teacher 0.9957, labels-only 0.9933 (120 epochs) / 0.9925 (40), KD 0.9941:
+    # 35 % of a 0.24-pt gap (1.3 images of 540 per split); feature KD 0.9933 (0 %). With augmentation that
+    # suits 8x8 digits, a student 13.5x smaller nearly matches the teacher, and the 80 % target is out of
+    # reach of what these 540-image splits can resolve.
     # Session 14 (probe, not rows; AMD EPYC): on the zoo split the gap is 0.86 pt = 4.6 of 540
     # images, so the figure swings with one image per seed (87 % on the Xeon, 50 % here). Over
     # ten stratified 70/30 splits (sklearn random_state 0..9, split 0 = the zoo split; a teacher

@@ -136,9 +136,9 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     static_note = (f"; static shapes: compiled for the timed batch's {shape} inputs (cosine of the "
                    "same model with dynamic shapes, which every evaluation batch needs)")
 
-    def add_static(key: str, model: Path | Any, precision: str | None = None) -> None:
+    def add_static(key: str, model: Path | Any) -> None:
         """A latency-only twin of row ``key``, compiled for the timed input shapes."""
-        c = ov_compile(model, precision, static=True)
+        c = ov_compile(model, static=True)
         fns[f"{key}_static"] = (lambda c=c: c(feeds))
         info[f"{key}_static"] = dict(info[key], method=f"{info[key]['method']}, static shapes",
                                      notes=info[key]["notes"] + static_note)
