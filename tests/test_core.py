@@ -116,6 +116,21 @@ def test_targeting_errors():
         select(_net(), targets=["features.99"])
 
 
+def test_targeting_patterns_that_select_nothing_are_errors():
+    """An ``ignore`` that matches nothing used to be skipped silently, so a glob such as
+    ``*intermediate*`` quantized the very layers the user meant to keep."""
+    with pytest.raises(RecipeError, match=r"re:\.\*3\.\*") as err:
+        select(_net(), ignore=["*3*"])
+    assert err.value.where.endswith("ignore[0]")
+    with pytest.raises(RecipeError, match="inspect"):
+        select(_net(), ignore=["features.1"])
+    with pytest.raises(RecipeError, match="whole"):
+        select(_net(), ignore=["re:lin"])
+    with pytest.raises(RecipeError, match="at least one"):
+        select(_net(), targets=["re:classifier.*"])
+    assert [n for n, _ in select(_net(), ignore=["re:.*3.*"])] == ["0", "4"]
+
+
 def test_as_batches_forms():
     X = np.random.rand(10, 3).astype(np.float32)
     y = np.arange(10)

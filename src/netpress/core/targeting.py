@@ -42,6 +42,23 @@ def _compile(pattern: str, where: str) -> re.Pattern[str] | None:
     return None
 
 
+def _check_present(pattern: str, where: str, names: set[str], classes: set[str]) -> None:
+    """A pattern that selects nothing is a typo (a glob such as ``*intermediate*``, a stale
+    module name), and silently skipping it would quantize or prune what the user meant to keep."""
+    rx = _compile(pattern, where)
+    if rx is None and pattern not in names and pattern not in classes:
+        fix = "`netpress inspect` lists module names; use 're:' for a regex"
+        if any(c in pattern for c in "*?["):
+            glob = pattern.replace(".", "\\.").replace("*", ".*").replace("?", ".")
+            fix = f"globs are not patterns: write 're:{glob}' (a regex), or an exact module name"
+        raise RecipeError(where, got=pattern, expected="a module class or name present in the model",
+                          fix=fix)
+    if rx is not None and not any(rx.fullmatch(n) for n in names):
+        raise RecipeError(where, got=pattern, expected="a regex matching at least one module name",
+                          fix="`netpress inspect` lists module names (the regex must match a whole "
+                          "name: 're:.*intermediate.*', not 're:intermediate')")
+
+
 def matches(name: str, module: nn.Module, pattern: str, where: str = "pattern") -> bool:
     """Whether ``module`` (qualified ``name``) matches one pattern."""
     rx = _compile(pattern, where)
@@ -73,16 +90,12 @@ def select(
         RecipeError: a pattern is malformed, or an exact-name pattern names no module.
     """
     ignore = list(ignore or [])
-    for i, p in enumerate(ignore):
-        _compile(p, f"{where}.ignore[{i}]")
     names = {n for n, _ in model.named_modules()}
     classes = {type(m).__name__ for _, m in model.named_modules()}
+    for i, p in enumerate(ignore):
+        _check_present(p, f"{where}.ignore[{i}]", names, classes)
     for i, p in enumerate(targets or []):
-        if _compile(p, f"{where}[{i}]") is None and p not in names and p not in classes:
-            raise RecipeError(
-                f"{where}[{i}]", got=p, expected="a module class or name present in the model",
-                fix="`netpress inspect` lists module names; use 're:' for a regex",
-            )
+        _check_present(p, f"{where}[{i}]", names, classes)
     out: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if not name or any(matches(name, module, p) for p in ignore):
