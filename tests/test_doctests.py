@@ -17,6 +17,7 @@ MODULES = [
     "netpress.report.metrics",
     "netpress.report.html",
     "netpress.quantize.pack",
+    "netpress.quantize.weight_search",
     "netpress.train.loop",
     "netpress.api",
     "netpress.search.workers",

@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "_mse_search_adaround": ({"activations": {"observer": "mse", "search": True},
                               "rounding": "adaround"},
                              ", activation observer mse + range search + AdaRound"),
+    "_wsearch": ({"weights": {"observer": "output_mse"}},
+                 ", weight scales by layer-output error (weights: {observer: output_mse})"),
     "_brecq": ({"rounding": "brecq"},
                " + BRECQ block reconstruction with QDrop 0.5 and learned activation steps "
                "(rounding: brecq)"),

@@ -16,7 +16,8 @@ Steps (all scales and zero points are computed here, by netpress's observers):
    by default) and one observer per tensor (Q2: minmax, moving_average, percentile, entropy, mse)
    turns the values into ``(scale, zero_point)``; non-negative tensors (ReLU/ReLU6 outputs) get
    uint8 codes with zero point 0, signed ones uint8 asymmetric (or int8 symmetric).
-4. **Weights**: symmetric int8 per output channel (``minmax`` = max|w| / 127, or ``mse``).
+4. **Weights**: symmetric int8 per output channel (``minmax`` = max|w| / 127, ``mse``, or
+   ``output_mse``: the scale that minimises the layer's output error on calibration inputs).
    ``per_tensor`` is honoured, but a layer in which some output channel's weight SQNR under one
    per-tensor scale falls below
    ``per_tensor_min_sqnr_db`` (BN-folded depthwise convs: the published MobileNetV2 collapse) is
@@ -87,7 +88,11 @@ class PTQWeights(BaseModel):
     Attributes:
         bits: 2..8 (codes stored in int8; 8 for W8A8 integer kernels).
         granularity: ``per_channel`` (default) or ``per_tensor``.
-        observer: ``minmax`` (max|w|) or ``mse`` (per-channel MSE-optimal clipping).
+        observer: ``minmax`` (max|w|), ``mse`` (per-channel MSE-optimal clipping of the weights)
+            or ``output_mse`` (per-channel scale minimising the layer-output error ``eᵀHe`` with
+            ``H`` the second moment of the layer's float input on ``search_examples``
+            calibration examples: :mod:`netpress.quantize.weight_search`).
+        search_examples: calibration examples for ``output_mse``.
         overflow_fix: ``auto`` (7-bit codes for 8-bit weights where this CPU's int8 kernels
             saturate, i.e. x86-64 without VNNI), ``on`` or ``off``; see
             :mod:`netpress.quantize.overflow`.
@@ -96,7 +101,8 @@ class PTQWeights(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bits: int = Field(default=8, ge=2, le=8)
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
-    observer: Literal["minmax", "mse"] = "minmax"
+    observer: Literal["minmax", "mse", "output_mse"] = "minmax"
+    search_examples: int = Field(default=128, ge=1, le=100_000)
     overflow_fix: OverflowFix = "auto"
 
 
@@ -383,8 +389,13 @@ def _act_qparams(obs: Any, symmetric: bool) -> tuple[float, int, bool]:
     return float(scale), int(zp), signed
 
 
-def _weight_scale(w: torch.Tensor, cfg: PTQWeights, per_channel: bool, where: str) -> torch.Tensor:
+def _weight_scale(w: torch.Tensor, cfg: PTQWeights, per_channel: bool, where: str,
+                  moments: torch.Tensor | None = None) -> torch.Tensor:
     qmax = (1 << (cfg.bits - 1)) - 1
+    if moments is not None and per_channel:
+        from netpress.quantize.weight_search import output_aware_scales
+
+        return output_aware_scales(w, moments, cfg.bits)
     if cfg.observer == "mse":
         obs = make_observer("mse", bits=cfg.bits, symmetric=True, signed=True, where=where,
                             axis=0 if per_channel else None)
@@ -531,6 +542,12 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
     wcfg = config.weights.model_copy(update={"bits": weight_bits(config.weights.bits,
                                                                  config.weights.overflow_fix)})
     qmax = (1 << (wcfg.bits - 1)) - 1
+    moments: dict[str, torch.Tensor] = {}
+    if wcfg.observer == "output_mse":
+        from netpress.core.data import take_examples
+        from netpress.quantize.weight_search import input_moments
+
+        moments = input_moments(model, list(chosen), take_examples(batches, wcfg.search_examples))
     for name, m in chosen.items():
         node = nodes[name]
         per_channel = per_channel_default
@@ -546,7 +563,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         if name in out_quant:
             s_o, z_o, out_signed = _act_qparams(observers[out_quant[name]], a.symmetric)
             out_qp = (s_o, z_o)
-        ws = _weight_scale(m.weight, wcfg, per_channel, name)
+        ws = _weight_scale(m.weight, wcfg, per_channel, name, moments.get(name))
         cls = W8A8Conv2d if isinstance(m, nn.Conv2d) else W8A8Linear
         q = cls.from_float(m, s_in, z_in, act_bits=a.bits, act_signed=signed_in,  # type: ignore[arg-type]
                            per_channel=per_channel, output_qparams=out_qp,
