@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from netpress.api import quantize
+from netpress.core.config import parse_config
 from netpress.core.data import Batch
-from netpress.core.errors import DataError, ModelError
+from netpress.core.errors import DataError, ModelError, RecipeError
 from netpress.nn.ptq import W8A8Conv2d
 from netpress.quantize.weight_search import input_moments, output_aware_scales
 
@@ -69,6 +70,9 @@ def test_bad_layer_and_bad_data_are_clear_errors():
         input_moments(net, ["0"], [(torch.full((2, 4), float("nan")),)])
     with pytest.raises(DataError, match="no calibration input"):
         input_moments(net, ["0"], [])
+    with pytest.raises(RecipeError, match="per_channel"):
+        parse_config("quantize", {"method": "ptq", "weights": {
+            "observer": "output_mse", "granularity": "per_tensor"}})
 
 
 def test_ptq_output_mse_lowers_output_error_on_held_out_inputs():

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.data import Batch
@@ -104,6 +104,13 @@ class PTQWeights(BaseModel):
     observer: Literal["minmax", "mse", "output_mse"] = "minmax"
     search_examples: int = Field(default=128, ge=1, le=100_000)
     overflow_fix: OverflowFix = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> PTQWeights:
+        if self.observer == "output_mse" and self.granularity != "per_channel":
+            raise ValueError("observer output_mse picks one scale per output channel: use "
+                             "granularity: per_channel, or observer: minmax / mse for per_tensor")
+        return self
 
 
 class PTQActivations(BaseModel):
