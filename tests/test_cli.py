@@ -166,3 +166,21 @@ def test_max_drop_fails_and_keeps_nothing(tmp_path):
     with pytest.raises(netpress.ConstraintError, match="dropped"):
         netpress.compress(recipe, tmp_path / "out", max_drop=0.01)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.real
+def test_readme_recipe_runs(tmp_path):
+    """The README's recipe block is a working recipe (its ``ignore`` once named no module of the
+    model, which passed silently before unmatched patterns became errors)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n# recipe.yaml\n(.*?)```", text, re.S)
+    assert block, "the README lost its recipe block"
+    recipe = {**yaml.safe_load(block.group(1)), "eval_limit": 64, "export": ["artifact"]}
+    netpress.compress(recipe, tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["ratios"]["size"] > 2.0  # pruned + int8, the classifier kept dense
