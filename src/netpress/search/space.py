@@ -9,7 +9,7 @@ static PTQ, the int8 weight column for weight-only, the highest sparsity for pru
 Families (``plan.families``):
 
 * ``ptq`` — static W8A8 (integer kernels on ONNX Runtime / OpenVINO): ``ptq_keep`` float layers,
-  activation observer, weight observer.
+  activation observer, weight observer (``minmax``, ``mse`` or the output-aware ``output_mse``).
 * ``int8_weight`` — weight-only int8, ``w8_keep`` float layers (size only; runs in float).
 * ``magnitude_int8`` — global magnitude pruning at ``mag_sparsity`` (the ``mag_keep`` most
   sensitive layers unpruned), then weight-only int8.
@@ -70,7 +70,7 @@ def suggest(trial: Any, families: list[str], n_layers: int) -> dict[str, Any]:
     if f in ("ptq", "structured_ptq"):
         p["ptq_keep"] = trial.suggest_categorical("ptq_keep", keeps)
         p["ptq_act"] = trial.suggest_categorical("ptq_act", ["percentile", "minmax", "mse"])
-        p["ptq_wobs"] = trial.suggest_categorical("ptq_wobs", ["minmax", "mse"])
+        p["ptq_wobs"] = trial.suggest_categorical("ptq_wobs", ["minmax", "mse", "output_mse"])
     if f == "structured_ptq":
         p["str_ratio"] = trial.suggest_float("str_ratio", 0.05, 0.4, step=0.05)
     if f == "int8_weight":
