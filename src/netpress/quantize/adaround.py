@@ -67,9 +67,9 @@ class _Stats:
     rows: int = 0
 
 
-def _rows(mod: _W8A8, x: torch.Tensor) -> torch.Tensor:
-    """The layer's input as im2col rows per group: ``(G, M, K)``."""
-    if isinstance(mod, W8A8Conv2d):
+def im2col_rows(mod: _W8A8 | nn.Conv2d | nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as im2col rows per group: ``(G, M, K)`` (``G = 1`` for a Linear)."""
+    if isinstance(mod, (W8A8Conv2d, nn.Conv2d)):
         cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, CK, L)
         n, ck, length = cols.shape
         g = mod.groups
@@ -116,8 +116,8 @@ def collect_stats(float_model: nn.Module, qmodel: nn.Module, names: list[str], x
         xq_raw = args[0]
         lo, hi = mod.act_qrange
         xq = fake_quant(xq_raw, mod.input_scale, mod.input_zero_point, lo, hi)
-        rq = _rows(mod, xq.float())
-        rf = _rows(mod, cache.pop(name).float()) if float_inputs else rq
+        rq = im2col_rows(mod, xq.float())
+        rf = im2col_rows(mod, cache.pop(name).float()) if float_inputs else rq
         per = _positions(mod, xq_raw)
         n = xq_raw.shape[0]
         if per > positions:  # the same random positions of every example in both streams

@@ -399,7 +399,7 @@ def _act_qparams(obs: Any, symmetric: bool) -> tuple[float, int, bool]:
 def _weight_scale(w: torch.Tensor, cfg: PTQWeights, per_channel: bool, where: str,
                   moments: torch.Tensor | None = None) -> torch.Tensor:
     qmax = (1 << (cfg.bits - 1)) - 1
-    if moments is not None and per_channel:
+    if moments is not None:  # output_mse (per_channel only: PTQWeights checks)
         from netpress.quantize.weight_search import output_aware_scales
 
         return output_aware_scales(w, moments, cfg.bits)

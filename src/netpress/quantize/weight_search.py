@@ -33,21 +33,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from netpress.core.errors import DataError, ModelError
+from netpress.quantize.adaround import im2col_rows
 
 
-def _conv_cols(conv: nn.Conv2d, x: torch.Tensor, positions: int, gen: torch.Generator) -> torch.Tensor:
+def _conv_rows(conv: nn.Conv2d, x: torch.Tensor, positions: int, gen: torch.Generator) -> torch.Tensor:
     """``(G, N, K)`` im2col rows of ``x`` for ``conv`` (``positions`` sampled per example)."""
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                    stride=conv.stride)  # (B, C·kh·kw, L)
-    b, ck, length = cols.shape
+    rows = im2col_rows(conv, x)  # (G, B·L, K), example-major
+    g, bl, k = rows.shape
+    length = bl // x.shape[0]
     if length > positions:
-        cols = cols[:, :, torch.randperm(length, generator=gen)[:positions]]
-    g = conv.groups
-    k = ck // g
-    return cols.reshape(b, g, k, -1).permute(1, 0, 3, 2).reshape(g, -1, k)
+        pick = torch.randperm(length, generator=gen)[:positions]
+        rows = rows.view(g, x.shape[0], length, k)[:, :, pick].reshape(g, -1, k)
+    return rows
 
 
 def input_moments(model: nn.Module, names: Sequence[str], inputs: Iterable[Any],
@@ -77,17 +76,12 @@ def input_moments(model: nn.Module, names: Sequence[str], inputs: Iterable[Any],
     def hook(name: str):  # type: ignore[no-untyped-def]
         def record(mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
             x = args[0].detach().float()
-            if isinstance(mod, nn.Conv2d):
-                rows = _conv_cols(mod, x, positions, gen).double()  # (G, N, K)
-                h = torch.einsum("gnk,gnl->gkl", rows, rows)
-                n = rows.shape[1]
-                if mod.groups == 1:
-                    h = h[0]
-            else:
-                rows = x.reshape(-1, x.shape[-1]).double()
-                h, n = rows.T @ rows, rows.shape[0]
+            rows = (_conv_rows(mod, x, positions, gen) if isinstance(mod, nn.Conv2d)
+                    else im2col_rows(mod, x)).double()  # (G, N, K)
+            h = torch.einsum("gnk,gnl->gkl", rows, rows)
+            h = h if h.shape[0] > 1 else h[0]  # grouped convs keep one moment per group
             sums[name] = sums[name] + h if name in sums else h
-            counts[name] = counts.get(name, 0) + n
+            counts[name] = counts.get(name, 0) + rows.shape[1]
         return record
 
     for name in names:
