@@ -5,8 +5,9 @@ torchrun (``TORCHELASTIC_RUN_ID``, even with N = 1), when the environment names 
 one (``WORLD_SIZE`` > 1) or when a process group is already initialised, :func:`setup` joins the
 group (gloo on CPU, nccl on GPU), and the loop wraps the model in ``DistributedDataParallel`` and
 gives each rank its slice of every batch (rank ``r`` of ``N`` takes the contiguous chunk ``r`` of the
-batch's examples), so the averaged gradient equals the one-process gradient of the whole batch (up
-to float rounding; BatchNorm statistics are per rank).
+batch's examples, its mean loss weighted by its share: :func:`rank_slice`), so the averaged
+gradient equals the one-process gradient of the whole batch, whatever the batch size (up to float
+rounding; BatchNorm statistics are per rank).
 
 A missing or unreachable rendezvous is a :class:`RecipeError` after ``timeout_s`` seconds, never a hang.
 
@@ -183,6 +184,28 @@ def shard(batch: Batch, rank: int, size: int) -> Batch:
     return Batch(inputs, None if batch.target is None else cut(batch.target))
 
 
+def rank_slice(batch: Batch, rank: int, size: int) -> tuple[Batch, float]:
+    """This rank's part of ``batch`` and the weight of its mean loss.
+
+    A loss is a mean over the examples it sees and DDP averages gradients over ranks, so rank
+    ``r`` multiplies its loss by ``n_r · N / n``: the averaged gradient is then the one-process
+    gradient of the whole batch even when ``n`` is not a multiple of ``N``. A batch with fewer
+    examples than ranks is not cut (a rank would get none, and the mean of nothing is NaN): every
+    rank runs all of it with weight 1.
+
+    Example:
+        >>> b = Batch((torch.zeros(5, 2),))
+        >>> [(p.size, w) for p, w in (rank_slice(b, r, 2) for r in range(2))]
+        [(2, 0.8), (3, 1.2)]
+        >>> rank_slice(Batch((torch.zeros(1, 2),)), 1, 2)[0].size
+        1
+    """
+    if size == 1 or batch.size < size:
+        return batch, 1.0
+    part = shard(batch, rank, size)
+    return part, part.size * size / batch.size
+
+
 def mean_across(value: float) -> float:
     """Average a Python float over ranks (identity in one process)."""
     rank, size = world()
@@ -217,5 +240,5 @@ def barrier() -> None:
             dist.barrier()
 
 
-__all__ = ["average_grads", "barrier", "in_group", "local_rank", "mean_across", "resolve_device",
-           "setup", "shard", "teardown", "world"]
+__all__ = ["average_grads", "barrier", "in_group", "local_rank", "mean_across", "rank_slice",
+           "resolve_device", "setup", "shard", "teardown", "world"]

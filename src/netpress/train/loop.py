@@ -57,9 +57,9 @@ from netpress.train.distributed import (
     barrier,
     in_group,
     mean_across,
+    rank_slice,
     resolve_device,
     setup,
-    shard,
 )
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -256,9 +256,10 @@ def _run(model: nn.Module, batches: list[Batch], config: TrainConfig, loss_fn: L
         for pos, i in enumerate(track(order, f"fine-tune epoch {epoch + 1}/{config.epochs}")):
             if pos < skip:
                 continue
+            part, weight = rank_slice(batches[i], rank, size)
             try:
-                value = _step(net, model, batch_to(shard(batches[i], rank, size), device),
-                              loss_fn, callbacks, params, extra, opt, sched, config, size, result)
+                value = _step(net, model, batch_to(part, device), loss_fn, callbacks, params,
+                              extra, opt, sched, config, size, weight, result)
             except RuntimeError as exc:
                 err = _mixed_devices(exc, device)
                 if err is None:
@@ -284,10 +285,14 @@ def _run(model: nn.Module, batches: list[Batch], config: TrainConfig, loss_fn: L
 
 def _step(net: nn.Module, model: nn.Module, batch: Batch, loss_fn: LossFn,
           callbacks: Sequence[Any], params: list[torch.Tensor], extra: list[torch.Tensor],
-          opt: Any, sched: Any, config: TrainConfig, size: int, result: TrainResult) -> float:
-    """One optimiser step; returns the loss averaged over ranks."""
+          opt: Any, sched: Any, config: TrainConfig, size: int, weight: float,
+          result: TrainResult) -> float:
+    """One optimiser step; returns the whole batch's loss (this rank's, weighted, averaged over
+    ranks: ``weight`` = this rank's share of the batch x ranks, see :func:`rank_slice`)."""
     _call(callbacks, "on_step_start", result.steps, model)
     loss = loss_fn(net, batch)
+    if weight != 1.0:
+        loss = loss * weight
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if size > 1:
