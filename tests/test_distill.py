@@ -141,3 +141,16 @@ def test_distill_device_cuda_without_cuda_is_a_recipe_error_and_cpu_is_the_defau
         distill(student, teacher, as_batches((X, y), batch_size=8), DistillConfig(device="cuda", epochs=1))
     with pytest.raises(ValueError):
         DistillConfig(device="gpu")
+
+
+def test_distill_leaves_the_teacher_as_it_was_and_warns_on_frozen_codes():
+    X, y = _data()
+    teacher = _mlp(32).train()
+    distill(_mlp(8, seed=1), teacher, (X, y), {"method": "kd", "epochs": 1})
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    frozen = _mlp(8, seed=1)
+    for m in frozen:
+        if isinstance(m, nn.Linear):
+            m.weight.requires_grad_(False)  # what int8 / packed layers look like: codes are buffers
+    with pytest.warns(UserWarning, match="no trainable weight matrix.*method: qat, distill"):
+        distill(frozen, teacher, (X, y), {"method": "kd", "epochs": 1})

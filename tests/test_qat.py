@@ -182,6 +182,33 @@ def test_qat_lsq_option_runs(trained: nn.Module, data: list[Batch]) -> None:
     assert accuracy(q, data) >= 0.8  # measured 0.98
 
 
+def test_qat_keeps_pruned_zeros_and_distills_from_the_original(trained: nn.Module,
+                                                                  data: list[Batch]) -> None:
+    """D4 after quantization: the float original teaches the fake-quantized model; zeros stay."""
+    from netpress.quantize.qat import QATConfig, quantize_qat
+
+    pruned = copy.deepcopy(trained)
+    w = pruned[4].weight.data
+    w[w.abs() < w.abs().flatten().kthvalue(w.numel() * 3 // 4).values] = 0.0  # 75 % of conv 4
+    zeros = pruned[4].weight == 0
+    flags = [p.requires_grad for p in trained.parameters()]
+    for spec in ({}, {"distill": {"teacher": "original", "temperature": 2.0, "alpha": 1.0}}):
+        ctx = StageContext(data=data, original=trained)
+        cfg = QATConfig(finetune={"epochs": 2, "lr": 1e-3}, **spec)
+        q = quantize_qat(copy.deepcopy(pruned), cfg, ctx)
+        assert (q[4].codes()[zeros] == 0).all()  # fine-tuning did not regrow the pruned weights
+        assert ctx.report["qat"]["finetune"]["steps"] == 2 * len(data)
+        assert accuracy(q, data) >= 0.8  # measured 0.98 (labels) / 0.98 (teacher only)
+    assert ctx.report["qat"]["distill"]["teacher"] == "original"
+    assert [p.requires_grad for p in trained.parameters()] == flags  # the teacher is untouched
+    with pytest.raises(RecipeError, match="quantize.distill.teacher"):
+        quantize_qat(copy.deepcopy(pruned), QATConfig(distill={}), StageContext(data=data))
+    inp = StageContext(data=data)  # teacher: input works without an original model
+    quantize_qat(copy.deepcopy(trained), QATConfig(distill={"teacher": "input"},
+                                                   finetune={"epochs": 1}), inp)
+    assert inp.report["qat"]["finetune"]["steps"] == len(data)
+
+
 def test_bad_input_is_typed_and_named(trained: nn.Module, data: list[Batch]) -> None:
     with pytest.raises(RecipeError, match="weights.bits"):
         quantize(trained, {"method": "qat", "weights": {"bits": 9}}, data=data)

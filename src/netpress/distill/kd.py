@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -127,7 +128,8 @@ def _response(kind: str, config: DistillConfig, s: torch.Tensor, t: torch.Tensor
 
 def distill(student: nn.Module, teacher: nn.Module, data: Any,
             config: DistillConfig | dict[str, Any] | None = None, *, task: str | None = None,
-            callbacks: tuple[Any, ...] = ()) -> tuple[nn.Module, TrainResult]:
+            callbacks: tuple[Any, ...] = (),
+            train: TrainConfig | None = None) -> tuple[nn.Module, TrainResult]:
     """Train ``student`` to imitate ``teacher`` on ``data`` (in place; also returned).
 
     Args:
@@ -137,6 +139,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any,
         config: :class:`DistillConfig` or its dict (``student`` derivation is not applied here).
         task: ``classification`` or ``embedding`` (``None``: guessed from the output shape).
         callbacks: extra fine-tuning callbacks.
+        train: the training run's settings (default: ``config``'s epochs, lr, ...); QAT with
+            ``distill`` passes its own ``finetune`` here.
 
     Returns:
         ``(student, TrainResult)``.
@@ -149,9 +153,31 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any,
     if not isinstance(config, DistillConfig):
         config = DistillConfig.from_dict({"method": "kd", **(config or {})}, "distill")
     batches = as_batches(data, where="distillation data")
-    teacher = teacher.eval()
+    was_training, flags = teacher.training, [p.requires_grad for p in teacher.parameters()]
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    try:
+        return _distill(student, teacher, batches, config, task, callbacks, train)
+    finally:  # the teacher is the caller's model (often the original): leave it as it was
+        teacher.train(was_training)
+        for p, flag in zip(teacher.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _frozen_weights_warning(student: nn.Module) -> None:
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    if trainable and not any(p.dim() >= 2 for p in trainable):
+        warnings.warn("distill: the student has no trainable weight matrix (its layers hold "
+                      "frozen quantized codes), so only biases and norms train. To distill "
+                      "through quantization, use quantize: {method: qat, distill: {...}} "
+                      "(the original model teaches the fake-quantized one).", stacklevel=3)
+
+
+def _distill(student: nn.Module, teacher: nn.Module, batches: list[Batch], config: DistillConfig,
+             task: str | None, callbacks: tuple[Any, ...],
+             train: TrainConfig | None) -> tuple[nn.Module, TrainResult]:
+    _frozen_weights_warning(student)
     cbs = list(callbacks)
     if config.keep_sparsity:
         cbs.append(KeepSparsity(student))
@@ -187,8 +213,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any,
             return loss
 
         params = [*student.parameters(), *adapters.parameters()]
-        result = fine_tune(student, batches, config.train_config(), loss_fn, cbs, params=params,
-                           companions=[teacher])
+        result = fine_tune(student, batches, train or config.train_config(), loss_fn, cbs,
+                           params=params, companions=[teacher])
     return student.eval(), result
 
 

@@ -3,7 +3,8 @@
 Recipe::
 
     quantize: {method: qat, weights: {bits: 4, granularity: per_channel},
-               activations: {bits: 8}, learn_scale: false, finetune: {epochs: 3, lr: 0.001}}
+               activations: {bits: 8}, learn_scale: false, finetune: {epochs: 3, lr: 0.001},
+               distill: {teacher: original, temperature: 4, alpha: 0.9}}   # distill: optional
 
 Steps: (1) BatchNorm layers that follow a conv are folded into it (``fold_bn``), so the integer
 model has no float BN; (2) every targeted Linear/Conv is wrapped in a
@@ -12,10 +13,12 @@ model has no float BN; (2) every targeted Linear/Conv is wrapped in a
 with straight-through gradients; ``learn_scale: true`` learns the step sizes (LSQ); (3) activation
 ranges are calibrated on the calibration batches; (4) the model is fine-tuned with the shared loop
 :func:`netpress.train.fine_tune` on the training split (``ctx.advanced["train"]``, else
-``ctx.data``); (5) :func:`convert` replaces every wrapper by a
-:class:`~netpress.nn.qat.PackedLinear` / ``PackedConv1d`` / ``PackedConv2d`` holding packed codes
-(``bits`` per weight), float32 scales and the frozen input quantization, which exports to ONNX as
-QDQ (int8 weights, uint8 activations) for ONNX Runtime's integer kernels.
+``ctx.data``), on the labels or, with ``distill``, against the float original model
+(quantization-aware distillation, :class:`QATDistill`), pruned zeros kept at zero;
+(5) :func:`convert` replaces every wrapper by a :class:`~netpress.nn.qat.PackedLinear` /
+``PackedConv1d`` / ``PackedConv2d`` holding packed codes (``bits`` per weight), float32 scales
+and the frozen input quantization, which exports to ONNX as QDQ (int8 weights, uint8
+activations) for ONNX Runtime's integer kernels.
 
 The helpers :func:`prepare`, :func:`calibrate`, :func:`train` and :func:`convert` are shared by the
 binary, ternary and mixed-precision techniques.
@@ -32,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -52,6 +56,7 @@ from netpress.quantize.fakequant import (
     fold_batchnorm,
 )
 from netpress.quantize.overflow import OverflowFix, overflow_note, weight_bits
+from netpress.train.callbacks import KeepSparsity
 from netpress.train.loop import TrainConfig, fine_tune
 
 
@@ -73,6 +78,21 @@ class QATActivations(BaseModel):
     bits: int = Field(default=8, ge=2, le=8, strict=True)
 
 
+class QATDistill(BaseModel):
+    """Quantization-aware distillation (SPEC D4 after quantization): while the fake-quantized
+    model trains, a float teacher supervises it with the loss of ``distill: {method: kd}``
+    (Hinton KD for classifiers, cosine for embeddings; ``1 - alpha`` on the labels when the
+    batches have them). ``teacher: original`` is the uncompressed model of the run,
+    ``input`` the model as this stage received it (e.g. after pruning)."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: Literal["original", "input"] = "original"
+    temperature: float = Field(default=4.0, gt=0, le=100)
+    alpha: float = Field(default=0.9, ge=0, le=1)
+    form: Literal["kl", "soft_ce"] = "kl"
+    loss: Literal["auto", "kd", "cosine", "mse"] = "auto"
+
+
 class QATConfig(TechniqueConfig):
     """Config of ``qat``.
 
@@ -81,7 +101,10 @@ class QATConfig(TechniqueConfig):
         activations: input quantization of each quantized layer (``null`` keeps inputs float).
         learn_scale: LSQ: learn the weight and activation step sizes during fine-tuning.
         fold_bn: fold BatchNorm into the preceding conv first (the integer model has no BN).
-        finetune: the shared fine-tuning loop's settings.
+        finetune: the shared fine-tuning loop's settings. Weights that are exactly zero when
+            QAT starts (a pruned model) stay zero (:class:`~netpress.train.KeepSparsity`).
+        distill: ``{teacher: original, temperature, alpha}``: train against a float teacher
+            instead of the labels alone (:class:`QATDistill`); ``null`` (default): labels only.
         targets, ignore: module patterns (default: every Linear, Conv1d and Conv2d).
     """
 
@@ -91,6 +114,7 @@ class QATConfig(TechniqueConfig):
     learn_scale: bool = False
     fold_bn: bool = True
     finetune: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=1e-3))
+    distill: QATDistill | None = None
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
 
@@ -210,8 +234,12 @@ def train_batches(ctx: StageContext) -> list[Batch]:
     return list(batches)
 
 
-def train(model: nn.Module, batches: list[Batch], config: TrainConfig) -> dict[str, Any]:
+def train(model: nn.Module, batches: list[Batch], config: TrainConfig,
+          teacher: nn.Module | None = None, distill: QATDistill | None = None) -> dict[str, Any]:
     """Fine-tune through the shared loop; returns ``{"steps", "losses"}`` for the report.
+
+    Weights that are exactly zero at the start (a pruned model) are kept at zero. With a
+    ``teacher`` and ``distill`` settings the loss is :func:`netpress.distill.distill`'s.
 
     Raises:
         DataError: epochs > 0 without labelled batches.
@@ -222,8 +250,32 @@ def train(model: nn.Module, batches: list[Batch], config: TrainConfig) -> dict[s
         raise DataError("fine-tuning data", got="no batches",
                         expected="labelled training batches for the fine-tuning",
                         fix="pass training data, or set finetune: {epochs: 0}")
-    result = fine_tune(model, batches, config)
+    if teacher is not None and distill is not None:
+        from netpress.distill.kd import DistillConfig
+        from netpress.distill.kd import distill as run_distill
+
+        cfg = DistillConfig(method="kd", keep_sparsity=True, **distill.model_dump())
+        _student, result = run_distill(model, teacher, batches, cfg, train=config)
+    else:
+        result = fine_tune(model, batches, config, callbacks=[KeepSparsity(model)])
     return {"steps": result.steps, "losses": [round(v, 5) for v in result.losses]}
+
+
+def qat_teacher(model: nn.Module, distill: QATDistill | None, ctx: StageContext) -> nn.Module | None:
+    """The float teacher of quantization-aware distillation (``None`` without ``distill``).
+
+    Raises:
+        RecipeError: ``teacher: original`` where the run has no original model.
+    """
+    if distill is None:
+        return None
+    if distill.teacher == "input":
+        return copy.deepcopy(model).eval()
+    if ctx.original is None:
+        raise RecipeError("quantize.distill.teacher", got="original",
+                          expected="a run with an original model",
+                          fix="use distill: {teacher: input}, or netpress.api.apply / compress")
+    return ctx.original
 
 
 def convert(model: nn.Module, wrappers: list[QATWrapper],
@@ -294,6 +346,7 @@ def quantize_qat(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -
         4
     """
     assert isinstance(config, QATConfig)
+    teacher = qat_teacher(model, config.distill, ctx)
     folded = fold_batchnorm(model) if config.fold_bn else []
     layers, kept = select_layers(model, config.targets, config.ignore, "qat")
     act = None if config.activations is None else {
@@ -304,7 +357,7 @@ def quantize_qat(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -
             for name, _ in layers}
     wrappers = prepare(model, layers, plan)
     calibrate(model, wrappers, list(ctx.data or []))
-    log = train(model, train_batches(ctx), config.finetune)
+    log = train(model, train_batches(ctx), config.finetune, teacher, config.distill)
     converted = convert(model, wrappers)
     ctx.report["qat"] = {"weights_bits": wbits, "overflow_fix": overflow_note(
                              config.weights.bits, config.weights.overflow_fix), "granularity":
@@ -312,11 +365,13 @@ def quantize_qat(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -
                          None if config.activations is None else config.activations.bits,
                          "learn_scale": config.learn_scale, "folded_bn": folded,
                          "layers": converted, "kept_float": kept, "finetune": log,
+                         "distill": None if config.distill is None else config.distill.model_dump(),
                          **size_summary(converted),
                          "execution": "ONNX QDQ: int8 weight codes (unpacked from packed "
                          f"{wbits}-bit storage) and uint8 activations"}
     return model.eval()
 
 
-__all__ = ["QATActivations", "QATConfig", "QATWeights", "calibrate", "convert", "prepare",
-           "quantize_qat", "select_layers", "size_summary", "train", "train_batches"]
+__all__ = ["QATActivations", "QATConfig", "QATDistill", "QATWeights", "calibrate", "convert",
+           "prepare", "qat_teacher", "quantize_qat", "select_layers", "size_summary", "train",
+           "train_batches"]
