@@ -52,6 +52,19 @@ def test_integer_onnx_matches_torch(runtime: str, tmp_path) -> None:
     assert np.abs(got - want).max() < tol
 
 
+@pytest.mark.parametrize("runtime, op", [("onnxruntime", "com.microsoft:DynamicQuantizeMatMul"),
+                                         ("openvino", ":DequantizeLinear")])
+def test_export_onnx_writes_the_integer_graph_for_the_runtime(runtime, op, tmp_path) -> None:
+    """export_onnx (what recipes and `netpress export` call) picks the integer exporter."""
+    from netpress.export.onnx import export_onnx
+
+    q = apply_quantize(mlp().eval(), {"method": "dynamic"})
+    path = export_onnx(q, Batch((torch.randn(1, 64),)), tmp_path / "m.onnx", runtime=runtime)
+    ops = [f"{n.domain}:{n.op_type}" for n in onnx.load(str(path)).graph.node]
+    assert ops.count(op) == 2 and not any(o.startswith("com.microsoft") and o != op for o in ops)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # staged: nothing else left
+
+
 def test_artifact_is_a_quarter_and_reloads(tmp_path) -> None:
     model = mlp().eval()
     source = {"kind": "module", "factory": f"{__name__}:mlp"}

@@ -10,7 +10,7 @@ import torch.nn as nn
 from netpress.api import quantize
 from netpress.core.config import StageContext, parse_config
 from netpress.core.data import Batch
-from netpress.core.errors import DataError, RecipeError
+from netpress.core.errors import DataError, ModelError, RecipeError
 from netpress.export.onnx import OnnxRunner
 from netpress.nn.ptq import W8A8Conv2d, W8A8Linear
 from netpress.quantize.fold import fold_batchnorm
@@ -115,8 +115,16 @@ def test_bad_input_errors(data):
     bad = _net()
     with torch.no_grad():
         bad[3].conv[0].weight[0, 0] = float("inf")
-    with pytest.raises(DataError, match="NaN/Inf"):
+    with pytest.raises(ModelError, match=r"^3\.conv\.0: .*NaN/Inf"):  # named, not blamed on 3.conv.3
         quantize(bad, {"method": "ptq"}, data=data)
+    last = _net()
+    with torch.no_grad():
+        last[6].weight[0, 0] = float("nan")  # used to become scale 1.0, codes 0: silently wrong
+    with pytest.raises(ModelError, match=r"^6: .*NaN/Inf.*ignore"):
+        quantize(last, {"method": "ptq"}, data=data)
+    with pytest.raises(RecipeError, match="at least one nn.Conv2d / nn.Linear"):
+        quantize(nn.Sequential(nn.Conv1d(3, 3, 1)), {"method": "ptq"},
+                 data=[Batch((torch.randn(4, 3, 5),))])
 
 
 def test_artifact_reload_without_pickle(data, tmp_path):

@@ -32,6 +32,7 @@ def apply(
     advanced: Any = None,
     *,
     inplace: bool = False,
+    report: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Apply one registered technique of ``stage`` to ``model``.
 
@@ -43,6 +44,8 @@ def apply(
             accepts (needed by data-driven methods only).
         advanced: technique-specific extras, passed through.
         inplace: modify ``model`` itself.
+        report: a dict to fill with the stage's report (what a recipe run writes under
+            ``stages`` in report.html: layers quantized, layers left in float, seconds, ...).
 
     Returns:
         The compressed model (eval mode).
@@ -58,17 +61,42 @@ def apply(
     batches = None if data is None else as_batches(data, where="data")
     target = model if inplace else copy.deepcopy(model)
     ctx = StageContext(data=batches, original=model, advanced=advanced)
-    return tech.handler(target, cfg, ctx).eval()
+    out = tech.handler(target, cfg, ctx).eval()
+    if report is not None:
+        report.update(stage_report(stage, out, ctx))
+    return out
 
 
-def prune(model: nn.Module, config: Any, data: Any = None, advanced: Any = None) -> nn.Module:
+def stage_report(stage: str, model: nn.Module, ctx: StageContext) -> dict[str, Any]:
+    """The report of one stage: the handler's ``ctx.report`` and, after a quantization stage,
+    ``float_layers``: every layer whose weight is still float (name -> type), whatever the reason.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> rep = {}
+        >>> q = apply("quantize", nn.Sequential(nn.Linear(8, 8), nn.Conv1d(2, 2, 1)),
+        ...           {"method": "int8_weight", "targets": ["0"]}, report=rep)
+        >>> rep["float_layers"]
+        {'1': 'Conv1d'}
+    """
+    from netpress.measure.count import float_weight_layers
+
+    out = dict(ctx.report)
+    if stage == "quantize":
+        out["float_layers"] = float_weight_layers(model)
+    return out
+
+
+def prune(model: nn.Module, config: Any, data: Any = None, advanced: Any = None, *,
+          report: dict[str, Any] | None = None) -> nn.Module:
     """Prune a copy of ``model`` (see :func:`apply`)."""
-    return apply("prune", model, config, data, advanced)
+    return apply("prune", model, config, data, advanced, report=report)
 
 
-def quantize(model: nn.Module, config: Any, data: Any = None, advanced: Any = None) -> nn.Module:
-    """Quantize a copy of ``model`` (see :func:`apply`)."""
-    return apply("quantize", model, config, data, advanced)
+def quantize(model: nn.Module, config: Any, data: Any = None, advanced: Any = None, *,
+             report: dict[str, Any] | None = None) -> nn.Module:
+    """Quantize a copy of ``model`` (see :func:`apply`; ``report`` lists the layers left float)."""
+    return apply("quantize", model, config, data, advanced, report=report)
 
 
 def load(path: str | Path) -> nn.Module:
@@ -82,4 +110,4 @@ def load(path: str | Path) -> nn.Module:
     return _load(path)
 
 
-__all__ = ["apply", "prune", "quantize", "load"]
+__all__ = ["apply", "prune", "quantize", "load", "stage_report"]

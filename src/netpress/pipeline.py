@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from netpress.api import stage_report
 from netpress.core.config import StageContext, get_technique
 from netpress.core.data import Batch, as_batches
 from netpress.core.errors import ArtifactError, ConstraintError, ModelError, RecipeError
@@ -144,7 +145,7 @@ def deploy(model: nn.Module, example: Batch, runtime: str, threads: int, path: P
         return Deployed(runtime, threads, model)
     from netpress.export.onnx import OnnxRunner, export_onnx
 
-    export_onnx(model, example, path)
+    export_onnx(model, example, path, runtime=runtime)
     if runtime == "openvino":
         from netpress.export.openvino import OpenVinoRunner
 
@@ -306,7 +307,7 @@ def apply_stages(model: nn.Module, recipe: Recipe, work: Workload) -> tuple[nn.M
                            advanced={"train": work.train, "task": work.task})
         torch.manual_seed(recipe.seed)
         compressed = tech.handler(compressed, stage.config, ctx)
-        notes[f"{i}:{stage.kind}:{stage.config.method}"] = ctx.report
+        notes[f"{i}:{stage.kind}:{stage.config.method}"] = stage_report(stage.kind, compressed, ctx)
     return compressed.eval(), notes
 
 
@@ -411,7 +412,7 @@ def _write_dir(
     out: Path, force: bool, result: Result, recipe: Recipe, work: Workload, deployed: Deployed
 ) -> Path:
     from netpress.export.artifact import save_artifact
-    from netpress.export.onnx import export_onnx, verify_onnx
+    from netpress.export.onnx import export_onnx, verify_onnx, verify_tolerance
     from netpress.report.html import write_html
 
     with atomic_dir(out, force) as tmp:
@@ -421,14 +422,10 @@ def _write_dir(
             if deployed.onnx_path is not None:  # the very file the metrics were measured on
                 shutil.copyfile(deployed.onnx_path, onnx_path)
             else:
-                export_onnx(result.model, work.evaluation[0].slice(recipe.batch), onnx_path)
-            # integer kernels (QuantizeLinear on activations) round differently from torch's
-            # fake quantization: a loose check that still catches a broken export
-            import onnx
-
-            qdq = any(n.op_type == "QuantizeLinear" for n in onnx.load(str(onnx_path)).graph.node)
-            tol = {"atol": 0.25, "rtol": 0.1} if qdq else {}
-            diff = verify_onnx(result.model, onnx_path, work.evaluation[:1], **tol)
+                export_onnx(result.model, work.evaluation[0].slice(recipe.batch), onnx_path,
+                            runtime=recipe.runtime)
+            diff = verify_onnx(result.model, onnx_path, work.evaluation[:1],
+                               **verify_tolerance(onnx_path))
             result.notes["onnx_max_abs_diff"] = diff
             extra.append(onnx_path)
         write_json(tmp / "metrics.json", result.metrics)

@@ -28,7 +28,7 @@ def export_artifact(path: str | Path, fmt: str, out: str | Path | None, force: b
     """
     from netpress.core.recipe import Recipe
     from netpress.export.artifact import load, read_manifest
-    from netpress.export.onnx import export_onnx, verify_onnx
+    from netpress.export.onnx import export_onnx, verify_onnx, verify_tolerance
     from netpress.pipeline import resolve_workload
 
     if fmt not in FORMATS:
@@ -43,8 +43,8 @@ def export_artifact(path: str | Path, fmt: str, out: str | Path | None, force: b
     model = load(path)
     recipe = Recipe.from_dict(manifest["recipe"])
     work = resolve_workload(recipe)
-    export_onnx(model, work.evaluation[0].slice(recipe.batch), target)
-    verify_onnx(model, target, work.evaluation[:1])
+    export_onnx(model, work.evaluation[0].slice(recipe.batch), target, runtime=recipe.runtime)
+    verify_onnx(model, target, work.evaluation[:1], **verify_tolerance(target))
     return target
 
 

@@ -125,4 +125,23 @@ def count_nonzero(model: nn.Module) -> int:
     return sum(nonzero for _, nonzero in _counted_tensors(model))
 
 
-__all__ = ["count_params", "count_nonzero", "is_weight_buffer"]
+def float_weight_layers(model: nn.Module) -> dict[str, str]:
+    """Layers whose ``weight`` is still a float matrix / kernel (``dim >= 2``), name -> type.
+
+    After a quantization stage these are the layers it left in float (a Conv1d that ``ptq`` does
+    not take, an ``Embedding``, names in ``ignore``, ...): the stage report lists them.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> float_weight_layers(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Embedding(3, 2)))
+        {'0': 'Linear', '2': 'Embedding'}
+    """
+    out = {}
+    for name, module in model.named_modules():
+        w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if isinstance(w, torch.Tensor) and w.dim() >= 2 and w.dtype.is_floating_point:
+            out[name] = type(module).__name__
+    return out
+
+
+__all__ = ["count_params", "count_nonzero", "float_weight_layers", "is_weight_buffer"]

@@ -68,9 +68,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.data import Batch
-from netpress.core.errors import DataError
+from netpress.core.errors import DataError, RecipeError
 from netpress.core.targeting import select
 from netpress.nn.ptq import W8A8Conv2d, W8A8Linear
+from netpress.quantize.fakequant import check_weight
 from netpress.quantize.fold import fold_batchnorm
 from netpress.quantize.observers import OBSERVERS, make_observer
 from netpress.quantize.overflow import OverflowFix, overflow_note, weight_bits
@@ -494,6 +495,7 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
 
     Raises:
         DataError: no calibration data, or NaN/Inf activations (names the layer).
+        ModelError: NaN/Inf in a targeted layer's weight (after BN folding; names the layer).
         RecipeError: bad bits / granularity / observer (from the config).
     """
     import onnx
@@ -514,6 +516,13 @@ def quantize_ptq(model: nn.Module, config: PTQConfig, ctx: StageContext) -> nn.M
         elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             kept[name] = f"padding_mode={m.padding_mode!r} (zero padding only)"
             chosen.pop(name)
+        else:
+            check_weight(m, name)  # NaN/Inf (also from a folded BatchNorm) named, never quantized
+    if not chosen:
+        raise RecipeError("quantize.targets", got=config.targets or "the default (Conv2d, Linear)",
+                          expected="at least one nn.Conv2d / nn.Linear to quantize"
+                          + (f" (kept float: {kept})" if kept else ""),
+                          fix="check `targets` / `ignore` (`netpress inspect` lists names)")
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, batches[0].slice(1), Path(tmp, "fp32.onnx"))
         graph = onnx.load(str(path)).graph
