@@ -347,8 +347,9 @@ def test_pt2_loading_refuses_every_unpickling_path(model: nn.Module) -> None:
 
 def test_pt2_model_pruned_by_name_round_trips(model: nn.Module, x: torch.Tensor,
                                               tmp_path: Path) -> None:
-    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
-    program = load_model_file(tmp_path / "m.pt2")  # a GraphModule: no Linear/Conv classes
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=(
+        {0: torch.export.Dim.AUTO},)), tmp_path / "m.pt2")
+    program = load_model_file(tmp_path / "m.pt2")  # a GraphModule
     pruned = apply_prune(program, {"method": "magnitude", "sparsity": 0.8,
                                    "targets": ["classifier.1", "features.3"]})
     assert int((pruned.get_submodule("classifier.1").weight == 0).sum()) == 16384
@@ -356,6 +357,37 @@ def test_pt2_model_pruned_by_name_round_trips(model: nn.Module, x: torch.Tensor,
     assert manifest["tensors"]["classifier.1.weight"]["encoding"] == "bitmask"
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "a")(x), pruned(x))
+
+
+def test_pt2_layers_are_lifted_so_quantizers_find_them(model: nn.Module, x: torch.Tensor,
+                                                       tmp_path: Path) -> None:
+    """A .pt2 program calls aten.conv2d / aten.linear: they come back as Conv2d / Linear."""
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=(
+        {0: torch.export.Dim.AUTO},)), tmp_path / "m.pt2")
+    program = load_model_file(tmp_path / "m.pt2")
+    kinds = {n: type(m).__name__ for n, m in program.named_modules() if n and n != "_guards_fn"}
+    assert {kinds[n] for n in ("features.0", "features.3")} == {"Conv2d"}
+    assert {kinds[n] for n in ("classifier.1", "classifier.3")} == {"Linear"}
+    program.eval()  # torch's program modules refuse eval(); the loaded one only sets the flag
+    with torch.no_grad():
+        assert torch.equal(program(x), model(x))
+    report: dict = {}
+    q = apply_quantize(program, {"method": "ptq"}, data=(x,), report=report)
+    assert report["ptq"]["quantized"] == ["classifier.1", "classifier.3", "features.3"]
+    # the conv feeding a BatchNorm (an aten op in the program, fused by the ONNX export) stays
+    # float, and both reports say so
+    assert "features.0" in report["ptq"]["kept_float"]
+    assert report["float_layers"] == {"features.0": "Conv2d"}
+    save_artifact(q, tmp_path / "q", source={"kind": "export"}, recipe={})
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path / "q")(x), q(x), atol=1e-5)
+
+
+def test_pt2_with_a_fixed_batch_is_refused_with_the_fix(model: nn.Module, x: torch.Tensor,
+                                                        tmp_path: Path) -> None:
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "fixed.pt2")
+    with pytest.raises(ModelError, match=r"fixed batch size \(x\[\d+\]\).*Dim.AUTO"):
+        load_model_file(tmp_path / "fixed.pt2")
 
 
 # ------------------------------------------------------------------------------- determinism

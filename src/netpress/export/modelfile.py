@@ -22,6 +22,7 @@ import io
 import logging
 import pickle
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ def export_program(model: nn.Module, example: Any = None) -> bytes:
                             "export source", fix="pass example=... to save_artifact")
     was_training = model.training
     try:
-        model.eval()
+        eval_mode(model)
         args = tuple(_widen(a) for a in args)
         kwargs = {k: _widen(v) for k, v in kwargs.items()}
         program = torch.export.export(model, args, kwargs,
@@ -82,7 +83,9 @@ def export_program(model: nn.Module, example: Any = None) -> bytes:
                             expected="a model torch.export can trace",
                             fix="use a zoo or module source instead") from None
     finally:
-        model.train(was_training)
+        if was_training:  # a torch.export program module (a .pt2 source) refuses train()/eval()
+            with contextlib.suppress(NotImplementedError):
+                model.train(True)
     data = buf.getvalue()
     if set(load_program(data).state_dict()) != set(model.state_dict()):
         raise ArtifactError("source export", got="an exported program whose tensors differ from "
@@ -145,6 +148,92 @@ def _no_pickle() -> Iterator[None]:
             torch.load, _package.pickle, torch._C._pickle_load_obj = saved
 
 
+def _lifted(node: Any, module: nn.Module) -> nn.Module | None:
+    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` an aten call stands for, sharing the
+    program's parameters (``None``: not one of those calls, or arguments that are not plain)."""
+    aten = torch.ops.aten
+    args = list(node.args)
+    if len(args) < 2 or node.kwargs or any(getattr(a, "op", "get_attr") != "get_attr"
+                                           for a in args[1:3] if a is not None):
+        return None
+    try:  # buffers (a compressed model's codes) and constants are not lifted
+        w = module.get_parameter(args[1].target)
+        b = module.get_parameter(args[2].target) if len(args) > 2 and args[2] is not None else None
+    except AttributeError:
+        return None
+    if node.target == aten.linear.default and w.dim() == 2:
+        layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    elif node.target in (aten.conv1d.default, aten.conv2d.default) and w.dim() in (3, 4):
+        nd = w.dim() - 2
+        stride, padding, dilation, groups = (args[3:] + [1, 0, 1, 1][len(args) - 3:])[:4]
+        cls = nn.Conv1d if nd == 1 else nn.Conv2d
+        layer = cls(w.shape[1] * int(groups), w.shape[0], tuple(w.shape[2:]), stride=stride,
+                    padding=padding, dilation=dilation, groups=int(groups), bias=b is not None)
+    else:
+        return None
+    layer.weight = w
+    if b is not None:
+        layer.bias = b
+    return layer
+
+
+def lift_layers(module: nn.Module) -> list[str]:
+    """Turn a program module's ``aten.linear`` / ``aten.conv1d`` / ``aten.conv2d`` calls back into
+    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` submodules (same parameters, same names), so
+    every technique that finds or swaps layers by type works on a ``.pt2`` model.
+
+    A call is lifted when its weight (and bias) are the program's own parameters held by one
+    submodule that nothing else uses; the submodule takes the weight's name (``fc1.weight`` ->
+    ``fc1``). Returns the lifted names.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+        >>> prog = torch.export.export(net.eval(), (torch.zeros(2, 1, 6, 6),)).module()
+        >>> lift_layers(prog), type(prog.get_submodule("3")).__name__
+        (['0', '3'], 'Linear')
+    """
+    graph = getattr(module, "graph", None)
+    if graph is None:
+        return []
+    done = []
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        layer = _lifted(node, module)
+        if layer is None:
+            continue
+        owner = node.args[1].target.rpartition(".")[0]
+        holder = module.get_submodule(owner) if owner else None
+        attrs = [a for a in node.args[1:3] if a is not None]
+        if (not owner or any(len(a.users) != 1 for a in attrs) or list(holder.children())
+                or len(list(holder.parameters())) != len(attrs) or list(holder.buffers())):
+            continue
+        parent, _, child = owner.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer)
+        with graph.inserting_before(node):
+            new = graph.call_module(owner, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        for a in attrs:
+            graph.erase_node(a)
+        done.append(owner)
+    if done:
+        module.recompile()
+    return done
+
+
+def _set_training(self: nn.Module, mode: bool = True) -> nn.Module:
+    for m in self.modules():
+        m.training = mode
+    return self
+
+
+def _set_eval(self: nn.Module) -> nn.Module:
+    return _set_training(self, False)
+
+
 def load_program(source: Path | bytes, where: str = "program.pt2") -> nn.Module:
     """The module of a ``torch.export`` program (a ``.pt2`` path or its bytes), unpickling refused.
 
@@ -167,11 +256,28 @@ def load_program(source: Path | bytes, where: str = "program.pt2") -> nn.Module:
                          fix="re-export it with torch.export.save (tensors only)") from None
     finally:
         log.setLevel(level)
+    # torch makes the program's train()/eval() raise; netpress calls them everywhere (measuring,
+    # exporting, fine-tuning). The graph is fixed (traced once, normally in eval mode), so here
+    # they only set the flags, as on any module without Dropout / BatchNorm.
+    module.train = types.MethodType(_set_training, module)  # type: ignore[method-assign]
+    module.eval = types.MethodType(_set_eval, module)  # type: ignore[method-assign]
+    lift_layers(module)
     example, meta = getattr(program, "example_inputs", None), getattr(module, "meta", None)
     if example is not None and isinstance(meta, dict):
         # GraphModule.meta survives deepcopy (a plain attribute would not)
         meta[EXAMPLE_KEY] = copy.deepcopy(example)
     return module
+
+
+def _fixed_batch_inputs(module: nn.Module) -> list[str]:
+    """Tensor inputs of a program module whose first (batch) dim is a fixed int: ``name[n]``."""
+    graph = getattr(module, "graph", None)
+    out = []
+    for node in graph.nodes if graph is not None else []:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], int):
+            out.append(f"{node.name}[{val.shape[0]}]")
+    return out
 
 
 def load_model_file(path: str | Path) -> nn.Module | dict[str, torch.Tensor]:
@@ -201,7 +307,17 @@ def load_model_file(path: str | Path) -> nn.Module | dict[str, torch.Tensor]:
         raise ModelError(str(path), got="no such file", expected="a model file",
                          fix="check the path")
     if suffix == ".pt2":
-        return eval_mode(load_program(path))
+        module = eval_mode(load_program(path))
+        fixed = _fixed_batch_inputs(module)
+        if fixed:
+            raise ModelError(str(path), got=f"a program exported with a fixed batch size "
+                             f"({', '.join(fixed)})",
+                             expected="a dynamic batch dimension: netpress calibrates, measures "
+                             "and exports with other batch sizes than the example's",
+                             fix="re-export with torch.export.export(model, (x,), dynamic_shapes="
+                             "({0: torch.export.Dim.AUTO},)) and a batch of 2 or more, then "
+                             "torch.export.save")
+        return module
     try:
         if suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))

@@ -64,14 +64,18 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if packed.numel() < packed_numel(numel, bits):
         raise ValueError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
+    raw = packed.detach().reshape(-1).to(torch.uint8)
     if bits == 8:
-        return packed.reshape(-1)[:numel].to(torch.uint8)
-    raw = packed.detach().reshape(-1).cpu().numpy()
-    planes = np.unpackbits(raw, count=numel * bits, bitorder="little").reshape(numel, bits)
-    codes = planes[:, 0].copy()
+        return raw[:numel]
+    # torch ops only (no numpy): the unpacking traces into torch.export / ONNX graphs
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, the first in the low bits
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=raw.device)
+        return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:numel]
+    planes = (raw[:, None] >> torch.arange(8, dtype=torch.uint8, device=raw.device)) & 1
+    planes = planes.reshape(-1)[: numel * bits].reshape(numel, bits)  # bit k of each code
     for k in range(1, bits):
-        codes |= planes[:, k] << np.uint8(k)
-    return torch.from_numpy(codes)
+        planes[:, 0] |= planes[:, k] << k
+    return planes[:, 0].contiguous()
 
 
 __all__ = ["pack", "unpack", "packed_numel"]
