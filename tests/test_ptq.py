@@ -163,6 +163,33 @@ def test_mobilenet_v2_per_tensor_weights_collapse_and_fall_back():
     assert len(collapsed) >= 10 and min(collapsed.values()) < 1.0
 
 
+@pytest.mark.real
+def test_mobilenet_v2_per_tensor_ptq_collapses_and_the_fallback_recovers_it():
+    """The same, end to end on held-out photo crops: forced per-tensor W8A8 PTQ loses a fifth
+    of the top-1 agreement with fp32 (a fall, not the published 0.1 % top-1, whose set-up
+    differs; the gap was not investigated), the default fallback warns and agrees like
+    per-channel."""
+    from netpress.zoo import load_data, load_model
+
+    model, data = load_model("mobilenet_v2"), load_data("photos")
+    crops = data.evaluation[0].slice(32)  # held out: calibration uses its own split
+    with torch.no_grad():
+        ref = model(crops.inputs[0]).argmax(1)
+
+    def agreement(cfg):
+        q = quantize(model, {"method": "ptq", "calibration_examples": 32, **cfg},
+                     data=data.calibration)
+        with torch.no_grad():
+            return float((q(crops.inputs[0]).argmax(1) == ref).float().mean())
+
+    forced = agreement({"weights": {"granularity": "per_tensor"}, "per_tensor_fallback": False})
+    with pytest.warns(UserWarning, match="collapse on 15 layers.*per_channel"):
+        fallback = agreement({"weights": {"granularity": "per_tensor"}})
+    per_channel = agreement({})
+    # measured on these 32 crops: forced 0.69, fallback 0.91, per-channel 0.88
+    assert forced < per_channel - 0.1 and abs(fallback - per_channel) <= 0.1
+
+
 @pytest.mark.parametrize("bits", [4, 6])
 def test_low_bit_activations_saturate_in_the_qdq_export(data, tmp_path, bits):
     """Codes of fewer than 8 bits saturate at their own range in ONNX Runtime and OpenVINO as in

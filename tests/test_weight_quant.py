@@ -208,7 +208,7 @@ def test_ignore_targets_and_unsupported_modules(cnn: TinyCNN) -> None:
 
 
 def test_config_validation() -> None:
-    for bad in ({"bits": 9}, {"bits": 1}, {"granularity": "per_group"}, {"bit": 8},
+    for bad in ({"bits": 17}, {"bits": 1}, {"granularity": "per_group"}, {"bit": 8},
                 {"bits": "8"}):
         with pytest.raises(RecipeError):
             parse_config("quantize", {"method": "int8_weight", **bad})
@@ -282,3 +282,29 @@ def test_onnx_export_runs_in_onnxruntime_and_matches_torch(cfg: dict, cnn: TinyC
     with torch.no_grad():
         ref = q(images).numpy()
     assert np.abs(out - ref).max() < 1e-5  # measured ~1.5e-7
+
+
+def test_9_to_16_bit_codes_are_int16_in_the_state_dict_the_onnx_file_and_the_artifact(
+        tmp_path) -> None:
+    """Q1's full 2..16-bit range from a recipe: int16 storage above 8 bits."""
+    from netpress.core.data import Batch
+    from netpress.export.artifact import load
+    from netpress.export.onnx import export_onnx, verify_onnx
+
+    model = big_mlp().eval()
+    x = torch.randn(4, model[0].in_features)
+    errs = {}
+    for bits in (8, 12, 16):
+        q = apply_quantize(model, {"method": "int8_weight", "bits": bits})
+        assert q[0].qweight.dtype == (torch.int8 if bits == 8 else torch.int16)
+        with torch.no_grad():
+            errs[bits] = float((q(x) - model(x)).abs().max())
+    assert errs[16] < errs[12] / 8 < errs[8] / 64  # each 4 bits: 16x smaller steps
+    path = export_onnx(q, Batch((x[:1],)), tmp_path / "q16.onnx")
+    types = {t.data_type for t in onnx.load(str(path)).graph.initializer}
+    assert onnx.TensorProto.INT16 in types  # the codes stay integer in the file
+    assert verify_onnx(q, path, [Batch((x,))]) < 1e-4
+    source = {"kind": "module", "factory": f"{__name__}:big_mlp"}
+    save_artifact(q, tmp_path / "a", source=source, recipe={})
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "a")(x), q(x))

@@ -157,7 +157,28 @@ def validation_to_recipe_error(exc: ValidationError, where: str) -> RecipeError:
         )
     if kind == "missing":
         return RecipeError(path, got="nothing", expected="a value", fix="add this required key")
-    return RecipeError(path, got=err.get("input"), expected=err["msg"].lower(), fix="correct the value")
+    return RecipeError(path, got=err.get("input"), expected=err["msg"].lower(),
+                       fix=_fix_for(kind, err.get("ctx") or {}, path))
+
+
+_BOUNDS = {"less_than_equal": ("le", "<="), "less_than": ("lt", "<"),
+           "greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">")}
+_TYPES = {"int_type": "an integer", "int_parsing": "an integer", "float_type": "a number",
+          "float_parsing": "a number", "bool_type": "true or false", "bool_parsing": "true or false",
+          "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+          "model_type": "a mapping", "int_from_float": "an integer"}
+
+
+def _fix_for(kind: str, ctx: dict[str, Any], path: str) -> str:
+    """A fix that says what to write, from the pydantic error's kind and context."""
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        key, op = _BOUNDS[kind]
+        return f"set {path} to a value {op} {ctx[key]}"
+    if kind == "literal_error" and "expected" in ctx:
+        return f"use {ctx['expected']}"
+    if kind in _TYPES:
+        return f"give {path} {_TYPES[kind]}"
+    return "correct the value"
 
 
 _LOADED = False

@@ -312,7 +312,8 @@ def export_onnx(
                 fix="choose another output path",
             ) from exc
         reasons = []
-        for kind in _exporter_plan(exporter, large, int_weights):
+        wide = any(b.dtype == torch.int16 for b in model.buffers())
+        for kind in _exporter_plan(exporter, large, int_weights, wide):
             try:
                 with _staged(target) as staged, _quiet():
                     if kind == "torchscript":
@@ -360,13 +361,14 @@ def _integer_exporter(model: nn.Module, runtime: str) -> Any:
     return None
 
 
-def _exporter_plan(exporter: str, large: bool, int_weights: bool) -> list[str]:
-    """Exporters to try, in order (see the module doc)."""
+def _exporter_plan(exporter: str, large: bool, int_weights: bool, wide: bool = False) -> list[str]:
+    """Exporters to try, in order (see the module doc). ``wide``: int16 weight codes, whose
+    Cast/Sub/Mul dequantization only TorchScript (no constant folding) keeps integer."""
     if large or exporter == "dynamo":
         return ["dynamo"]
     if exporter == "torchscript":
         return ["torchscript"]
-    return ["dynamo", "torchscript"] if int_weights else ["torchscript", "dynamo"]
+    return ["dynamo", "torchscript"] if int_weights and not wide else ["torchscript", "dynamo"]
 
 
 @contextlib.contextmanager

@@ -166,11 +166,11 @@ class LowBitLinear(nn.Module):
         """The float weight ``(O, I)`` (cached while codes and scales are unchanged)."""
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._dequant()
-        if torch.is_inference_mode_enabled():  # an inference tensor in the cache would break a
-            return self._dequant()  # later forward that autograd records
         key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.qzeros))
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            # a normal tensor even inside inference_mode: an inference tensor in the cache would
+            # break a later forward that autograd records
+            with torch.inference_mode(False), torch.no_grad():
                 self._cache = (key, self._dequant())
         return self._cache[1]
 

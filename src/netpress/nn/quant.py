@@ -3,9 +3,10 @@
 Each holds its weight as integer codes and runs as its float counterpart on the dequantized
 weight ``ŵ = scale · (qweight - zero_point)``:
 
-  * ``qweight``: int8 codes shaped like the float weight (bits 2..8 all fit int8);
+  * ``qweight``: integer codes shaped like the float weight: int8 for 2..8 bits, int16 for
+    9..16 (Q1's full range);
   * ``scale``: float32, ``(O,)`` per output channel or ``()`` per tensor;
-  * ``zero_point``: int8, same shape as ``scale`` (all zeros when symmetric);
+  * ``zero_point``: the codes' dtype, same shape as ``scale`` (all zeros when symmetric);
   * ``bias``: the float bias, unchanged (a parameter).
 
 The state dict holds only those: an int8 model is ~1/4 of the fp32 bytes. In eval mode the
@@ -71,24 +72,30 @@ class _QuantWeight(nn.Module):
         if granularity not in WEIGHT_GRANULARITIES:
             raise ValueError(f"granularity must be one of {WEIGHT_GRANULARITIES}, not "
                              f"{granularity!r}")
-        if not 2 <= int(bits) <= 8:
-            raise ValueError(f"bits must be in 2..8 (int8 storage), not {bits}")
+        if not 2 <= int(bits) <= 16:
+            raise ValueError(f"bits must be in 2..16, not {bits}")
         self.bits, self.symmetric, self.granularity = int(bits), bool(symmetric), granularity
         self.qscheme = QScheme(self.bits, self.symmetric, granularity, axis=0)
         qshape = (weight_shape[0],) if granularity == "per_channel" else ()
-        self.register_buffer("qweight", torch.zeros(weight_shape, dtype=torch.int8))
+        store = self.storage_dtype
+        self.register_buffer("qweight", torch.zeros(weight_shape, dtype=store))
         self.register_buffer("scale", torch.ones(qshape, dtype=torch.float32))
-        self.register_buffer("zero_point", torch.zeros(qshape, dtype=torch.int8))
+        self.register_buffer("zero_point", torch.zeros(qshape, dtype=store))
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
         self._cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """int8 for 2..8-bit codes, int16 for 9..16 bits."""
+        return torch.int8 if self.bits <= 8 else torch.int16
+
     def _set_from_float(self, weight: torch.Tensor, bias: torch.Tensor | None, where: str) -> None:
         scale, zero_point = compute_qparams(weight, self.qscheme, where)
-        codes = quantize(weight, scale, zero_point, self.qscheme)  # int8, shape of weight
+        codes = quantize(weight, scale, zero_point, self.qscheme)  # shape of weight
         with torch.no_grad():
-            self.qweight = codes.to(torch.int8)
+            self.qweight = codes.to(self.storage_dtype)
             self.scale = scale.to(torch.float32)
-            self.zero_point = zero_point.to(torch.int8)
+            self.zero_point = zero_point.to(self.storage_dtype)
             if bias is not None:
                 self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
@@ -110,16 +117,16 @@ class _QuantWeight(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight ``scale · (qweight - zero_point)`` (cached in eval mode)."""
-        if _tracing():
-            return self._dequant_traced() if _HAS_DECOMPOSED and _exporting() else (
-                self._dequant_eager())
+        if _tracing():  # int16 codes: Cast/Sub/Mul (DequantizeLinear has no int16 before opset 21)
+            return self._dequant_traced() if (_HAS_DECOMPOSED and _exporting()
+                                               and self.bits <= 8) else self._dequant_eager()
         if self.training:
             self._cache = None
             return self._dequant_eager()
         key = tuple((t.data_ptr(), t._version, t.device)
                     for t in (self.qweight, self.scale, self.zero_point))
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # never an inference tensor
                 self._cache = (key, self._dequant_eager())
         return self._cache[1]
 
@@ -143,7 +150,7 @@ class QuantLinear(_QuantWeight):
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
-        bits: code width 2..8; symmetric: zero point 0; granularity: per_channel or per_tensor.
+        bits: code width 2..16; symmetric: zero point 0; granularity: per_channel or per_tensor.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,

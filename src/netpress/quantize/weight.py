@@ -1,9 +1,11 @@
 """Weight-only int8 quantization: ``quantize: {method: int8_weight, ...}``.
 
 Every targeted ``Linear`` / ``Conv1d`` / ``Conv2d`` is replaced by its :mod:`netpress.nn.quant`
-counterpart holding int8 codes (bits 2..8, stored one code per int8), a float32 scale per output
-channel (or per tensor) and the float bias. Activations stay float. The artifact's weights shrink
-to ~1/4 of fp32; ONNX export emits ``DequantizeLinear`` on the int8 weights.
+counterpart holding integer codes (bits 2..8 stored one code per int8; 9..16 one per int16), a
+float32 scale per output channel (or per tensor) and the float bias. Activations stay float. The
+artifact's weights shrink to ~1/4 of fp32 (~1/2 with int16 codes); ONNX export emits
+``DequantizeLinear`` on the int8 weights (int16 codes: ``Cast``/``Sub``/``Mul``, still integer in
+the file).
 
 The handler modifies the model it is given in place (the pipeline and :func:`netpress.quantize`
 pass a copy they own) and returns it. ``ctx.report["int8_weight"]`` lists the layers quantized and
@@ -37,7 +39,7 @@ class WeightQuantConfig(TechniqueConfig):
     """Config of ``int8_weight``.
 
     Attributes:
-        bits: code width 2..8 (codes are stored one per int8 either way).
+        bits: code width 2..16 (codes stored one per int8 up to 8 bits, one per int16 above).
         granularity: ``per_channel`` (one scale per output channel, the accurate default) or
             ``per_tensor``.
         symmetric: zero point 0 (default); ``false`` stores an int8 zero point per scale.
@@ -48,7 +50,7 @@ class WeightQuantConfig(TechniqueConfig):
     """
 
     method: Literal["int8_weight"] = "int8_weight"
-    bits: int = Field(default=8, ge=2, le=8, strict=True)
+    bits: int = Field(default=8, ge=2, le=16, strict=True)
     granularity: Literal["per_channel", "per_tensor"] = "per_channel"
     symmetric: bool = True
     targets: list[str] | None = None
@@ -63,7 +65,8 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @register("quantize", "int8_weight", WeightQuantConfig,
-          summary="weight-only int8 (2..8-bit codes, per-channel scales); activations stay float")
+          summary="weight-only integer codes (2..8 bits in int8, 9..16 in int16, per-channel "
+                  "scales); activations stay float")
 def quantize_int8_weight(model: nn.Module, config: TechniqueConfig, ctx: StageContext) -> nn.Module:
     """Replace targeted Linear/Conv modules of ``model`` (in place) by int8-weight modules.
 
