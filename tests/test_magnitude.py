@@ -181,3 +181,19 @@ def test_large_global_count_is_exact() -> None:
     pruned = apply_prune(model, {"method": "magnitude", "sparsity": 0.77, "scope": "global"})
     n = 2 * 1024 * 1024
     assert nonzeros(pruned[0].weight) + nonzeros(pruned[1].weight) == n - math.floor(0.77 * n)
+
+
+def test_global_scope_that_empties_a_layer_warns_and_reports_it():
+    import warnings
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        m[2].weight.mul_(0.001)  # the smallest weights: global 85 % takes all of them
+    report: dict = {}
+    with pytest.warns(UserWarning, match=r"every weight of 1 layer\(s\) is now zero \(2\)"):
+        apply_prune(m, {"method": "magnitude", "sparsity": 0.85, "scope": "global"}, report=report)
+    assert report["magnitude"]["emptied_layers"] == ["2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # layer scope: 85 % of each, nothing emptied, no warning
+        apply_prune(m, {"method": "magnitude", "sparsity": 0.85, "scope": "layer"})

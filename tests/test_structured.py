@@ -184,3 +184,93 @@ def _tiny_bert() -> nn.Module:
 
     (cfg,) = _FACTORY["model"]
     return MiniLMEncoder(BertModel(cfg, add_pooling_layer=False))
+
+
+# ------------------------------------------------------------- layouts the channel graph cannot cut
+def _distilbert() -> nn.Module:
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    cfg = DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100)
+    return DistilBertModel(cfg).eval()
+
+
+def test_attention_outside_the_bert_layout_is_refused_and_ignoring_it_prunes_the_ffn_exactly():
+    """DistilBERT's q/k/v would be cut channel by channel (n_heads fixed: wrong outputs); the
+    error names the block class; ignoring it, the FFN loses its dead neurons with output kept."""
+    model = _distilbert()
+    ids = torch.randint(0, 100, (2, 9))
+    data = [Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)})]
+    with pytest.raises(RecipeError, match="transformer.layer.0.attention.*4 heads.*"
+                       "add 'DistilBertSelfAttention' to `ignore`"):
+        prune(model, {"method": "structured", "ratio": 0.5}, data=data)
+    with torch.no_grad():  # half the FFN neurons dead: removing them changes nothing
+        for layer in model.transformer.layer:
+            layer.ffn.lin1.weight[64:] = 0.0
+            layer.ffn.lin1.bias[64:] = 0.0
+    pruned = prune(model, {"method": "structured", "ratio": 0.5, "round_to": 8,
+                           "ignore": ["DistilBertSelfAttention"]}, data=data)
+    for layer in pruned.transformer.layer:
+        assert layer.ffn.lin1.out_features == 64 and layer.attention.q_lin.out_features == 64
+    with torch.no_grad():
+        diff = (pruned(input_ids=ids).last_hidden_state
+                - model(input_ids=ids).last_hidden_state).abs().max()
+    assert float(diff) < 1e-5  # measured 0.0 (BERT-layout check: 0.0 too)
+
+
+class _Scaled(nn.Module):
+    """A ConvNeXt-like block: conv -> MLP -> a per-channel ``layer_scale`` Parameter -> skip."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 4 * c, 1), nn.GELU(), nn.Conv2d(4 * c, c, 1))
+        self.layer_scale = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x):
+        return x + self.layer_scale * self.mlp(self.conv(x))
+
+
+def _scaled_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _Scaled(16), _Scaled(16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+
+
+def test_a_coupled_parameter_can_be_ignored_alone_so_its_block_still_shrinks(tmp_path):
+    model, x = _scaled_net(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(RecipeError, match=r"add 're:\.\*\\\.layer_scale' to `ignore`"):
+        prune(model, {"method": "structured", "ratio": 0.5}, data=[(x,)])
+    pruned = prune(model, {"method": "structured", "ratio": 0.5, "round_to": 8,
+                           "ignore": [r"re:.*\.layer_scale"]}, data=[(x,)])
+    assert [b.mlp[0].out_channels for b in (pruned[1], pruned[2])] == [32, 32]  # MLPs: 64 -> 32
+    assert pruned[1].conv.out_channels == 16  # the scaled residual stream keeps its width
+    save_artifact(pruned, tmp_path / "a", recipe={}, source={
+        "kind": "module", "factory": f"{__name__}:_scaled_net"})
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "a")(x), pruned(x))
+
+
+def _mnasnet() -> nn.Module:
+    return torchvision.models.mnasnet0_5(num_classes=10)
+
+
+@pytest.mark.real
+def test_swin_and_mnasnet_prune_and_reload(tmp_path):
+    """Swin-T: the window attention is refused by class, and with it ignored the MLPs shrink
+    (the residual stream's group search, which grew past 23 GB of RSS, is cut off and kept);
+    MNASNet: the artifact restores its module version metadata and reloads."""
+    x = torch.randn(1, 3, 64, 64)
+    swin = torchvision.models.swin_t(num_classes=10).eval()
+    with pytest.raises(RecipeError, match="ShiftedWindowAttention"):
+        prune(swin, {"method": "structured", "ratio": 0.5}, data=[(x,)])
+    pruned = prune(swin, {"method": "structured", "ratio": 0.5,
+                          "ignore": ["ShiftedWindowAttention"]}, data=[(x,)])
+    ex = Batch((x,))
+    assert count_macs(swin, ex) / count_macs(pruned, ex) > 1.1  # measured 1.17x: MLPs only
+    mnas = _mnasnet().eval()
+    small = prune(mnas, {"method": "structured", "ratio": 0.5, "round_to": 8}, data=[(x,)])
+    save_artifact(small, tmp_path / "m", recipe={}, source={
+        "kind": "module", "factory": f"{__name__}:_mnasnet"})
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m")(x), small(x))

@@ -49,6 +49,7 @@ import os
 import platform
 import shutil
 import sys
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -449,6 +450,9 @@ def load(path: str | Path) -> nn.Module:
     state = decode_tensors(file_tensors, entries)
     current = model.state_dict()
     assign = any(k in current and current[k].dtype != t.dtype for k, t in state.items())
+    if hasattr(current, "_metadata"):  # module versions of the rebuilt model (MNASNet checks its)
+        state = OrderedDict(state)
+        state._metadata = current._metadata  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:

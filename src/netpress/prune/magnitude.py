@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -192,7 +193,14 @@ def prune_magnitude(model: nn.Module, config: TechniqueConfig, ctx: StageContext
             layers[name] = {"numel": w.numel(), "zeros": int((w == 0).sum())}
     n = sum(v["numel"] for v in layers.values())
     zeros = sum(v["zeros"] for v in layers.values())
+    emptied = [name for name, v in layers.items() if v["zeros"] == v["numel"]]
+    if emptied:  # a layer with no weight left cuts the network at that point
+        warnings.warn(f"prune magnitude: every weight of {len(emptied)} layer(s) is now zero "
+                      f"({', '.join(emptied[:4])}); the model's output no longer depends on "
+                      "what feeds them. Use scope: layer, a lower sparsity / threshold, or put "
+                      "them in `ignore`.", stacklevel=2)
     ctx.report["magnitude"] = {
+        "emptied_layers": emptied,
         "mode": "threshold" if config.threshold is not None else "n:m" if config.nm else "sparsity",
         "scope": config.scope, "layers": layers, "sparsity": zeros / n if n else 0.0,
     }

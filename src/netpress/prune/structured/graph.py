@@ -42,6 +42,34 @@ SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.Batc
              nn.BatchNorm3d, nn.LayerNorm, nn.PReLU, nn.Embedding)
 
 
+#: attributes by which an attention block states its head count
+HEAD_ATTRS = ("num_heads", "n_heads", "nhead", "num_attention_heads")
+
+
+def attention_blocks(model: nn.Module, ignore: set[str]) -> list[tuple[str, nn.Module, int]]:
+    """Attention blocks (a module with a head count and weights) that are not in ``ignore``:
+    ``(name, module, heads)``, outermost only.
+
+    The channel graph would cut their query / key / value projections channel by channel, which
+    breaks the split into heads (a head's width stays ``dim // heads`` while the projections
+    lose arbitrary columns: wrong outputs, or a trace that never ends on Swin's windows). Heads
+    are removed whole only for encoders in the BERT layout (:mod:`.transformer`).
+
+    Example:
+        >>> [n for n, _, h in attention_blocks(nn.Sequential(nn.MultiheadAttention(8, 2)), set())]
+        ['0']
+    """
+    out: list[tuple[str, nn.Module, int]] = []
+    for name, m in model.named_modules():
+        if not name or name in ignore or any(name.startswith(o + ".") for o, _, _ in out):
+            continue
+        heads = next((v for a in HEAD_ATTRS if isinstance(v := getattr(m, a, None), int)
+                      and not isinstance(v, bool)), None)
+        if heads is not None and any(True for _ in m.parameters()):
+            out.append((name, m, heads))
+    return out
+
+
 @dataclass
 class ChannelGroup:
     """One set of coupled channels.
@@ -108,6 +136,44 @@ def _guarded_reshapes(opaque: set[Any]) -> Iterator[None]:
         index_mapping.update_reshape_index_mapping = original
 
 
+#: the most channel indices one index mapping may produce (VGG's 512 x 7 x 7 flatten: 25,088)
+MAX_MAPPED_INDICES = 1 << 20
+
+
+class _GroupTooLarge(Exception):
+    """torch-pruning's group search kept growing (see :func:`_bounded_groups`)."""
+
+
+@contextmanager
+def _bounded_groups(limit: int) -> Iterator[None]:
+    """Stop a group search that grows past ``limit`` items.
+
+    Around reshapes / rolls / window partitions (Swin's residual stream) torch-pruning's search
+    can revisit nodes with ever new index sets and grow without end (23 GB of RSS on swin_t);
+    no real group is larger than a few items per node of the graph.
+    """
+    from torch_pruning.dependency.group import Group
+    from torch_pruning.dependency.index_mapping import _FlattenIndexMapping
+
+    add, flatten = Group.add_dep, _FlattenIndexMapping.__call__
+
+    def bounded_add(self: Any, dep: Any, idxs: Any) -> None:
+        if len(self._group) >= limit:
+            raise _GroupTooLarge
+        add(self, dep, idxs)
+
+    def bounded_flatten(self: Any, idxs: Any) -> Any:
+        if not self.reverse and len(idxs) * self._stride > MAX_MAPPED_INDICES:
+            raise _GroupTooLarge  # flattens feeding flattens: index lists multiply
+        return flatten(self, idxs)
+
+    Group.add_dep, _FlattenIndexMapping.__call__ = bounded_add, bounded_flatten
+    try:
+        yield
+    finally:
+        Group.add_dep, _FlattenIndexMapping.__call__ = add, flatten
+
+
 def _example_args(example: Batch) -> Any:
     inputs = example.inputs
     return dict(inputs) if isinstance(inputs, dict) else tuple(inputs)
@@ -126,6 +192,18 @@ class ChannelGraph:
     """
 
     def __init__(self, model: nn.Module, example: Batch, ignore: set[str]) -> None:
+        blocks = attention_blocks(model, ignore)
+        if blocks:
+            name, block, heads = blocks[0]
+            kind = type(block).__name__
+            raise RecipeError(
+                f"prune.structured layer {name!r}",
+                got=f"a {kind} with {heads} heads ({len(blocks)} such blocks)",
+                expected="Conv / Linear layers (the channel graph would cut an attention "
+                "block's projections channel by channel, breaking its heads), or an encoder in "
+                "the Hugging Face BERT layout, whose heads are removed whole",
+                fix=f"add {kind!r} to `ignore` (every {kind} keeps its width; the layers "
+                "outside the attention blocks, e.g. the MLPs, are still pruned)")
         tp = _import_tp()
         self._tp = tp
         self.model = model
@@ -161,9 +239,11 @@ class ChannelGraph:
 
     def _all_groups(self, roots: tuple[type, ...]) -> list[Any]:
         """``DependencyGraph.get_all_groups``, skipping (into :attr:`skipped`) the roots whose
-        index mapping fails: they are coupled through an unmappable reshape."""
+        index mapping fails (coupled through an unmappable reshape) or whose group search does
+        not end (:func:`_bounded_groups`)."""
         dg, seen, out = self._dg, set(), []
         self.skipped: list[str] = []
+        limit = 8 * len(dg.module2node) + 64
         for m in list(dg.module2node):
             if not isinstance(m, roots) or m in seen or m in dg.IGNORED_LAYERS_IN_TRACING:
                 continue
@@ -171,10 +251,10 @@ class ChannelGraph:
             if pruner is None or pruner.get_out_channels(m) is None:
                 continue
             try:
-                with _guarded_reshapes(self._opaque):
+                with _guarded_reshapes(self._opaque), _bounded_groups(limit):
                     group = dg.get_pruning_group(m, pruner.prune_out_channels,
                                                  list(range(pruner.get_out_channels(m))))
-            except (IndexError, ZeroDivisionError, ValueError):
+            except (IndexError, ZeroDivisionError, ValueError, _GroupTooLarge):
                 self.skipped.append(self.name_of(m))
                 continue
             for dep, _ in group:
@@ -203,13 +283,18 @@ class ChannelGraph:
         ):
             name = self.name_of(module)
             owner = name.rpartition(".")[0] if isinstance(module, nn.Parameter) else name
+            if isinstance(module, nn.Parameter):  # e.g. ConvNeXt's layer_scale: ignore only it
+                leaf = name.rpartition(".")[2]
+                fix = (f"add 're:.*\\.{leaf}' to `ignore` (the channels every such parameter "
+                       f"scales are kept; the rest of {owner!r} is still pruned), or {owner!r} "
+                       "to keep that whole block")
+            else:
+                fix = f"add {owner!r} to `ignore` (its coupled channels are then kept)"
             raise RecipeError(
                 f"prune.structured layer {owner!r}",
                 got=f"a {type(module).__name__} coupled to the channels of {root!r}",
                 expected="Conv, Linear, BatchNorm, LayerNorm, PReLU or Embedding "
-                "layers (or a BERT attention block)",
-                fix=f"add {owner!r} to `ignore` (its coupled channels are then kept)",
-            )
+                "layers (or a BERT attention block)", fix=fix)
 
     def groups(self, targets: Callable[[str, nn.Module], bool] | None = None
                ) -> Iterator[ChannelGroup]:
@@ -271,4 +356,4 @@ class ChannelGraph:
             yield cg
 
 
-__all__ = ["SUPPORTED", "ChannelGroup", "ChannelGraph"]
+__all__ = ["HEAD_ATTRS", "SUPPORTED", "ChannelGroup", "ChannelGraph", "attention_blocks"]

@@ -119,13 +119,17 @@ def kept(size: int, fraction: float, round_to: int, max_ratio: float) -> int:
 
 
 def _pattern_set(model: nn.Module, patterns: list[str], where: str) -> set[str]:
+    """Names of the modules (and their descendants) and parameters the patterns match; a
+    parameter's own name (``features.7.2.layer_scale``) keeps only the channels it scales."""
     hits = set()
     for i, p in enumerate(patterns):
         found = {n for n, m in model.named_modules() if n and matches(n, m, p, f"{where}[{i}]")}
         hits |= found
+    params = {n for n, prm in model.named_parameters()
+              if any(matches(n, prm, p, f"{where}[{i}]") for i, p in enumerate(patterns))}
     # descendants of a matched module are covered too
     names = [n for n, _ in model.named_modules() if n]
-    return {n for n in names if n in hits or any(n.startswith(h + ".") for h in hits)}
+    return {n for n in names if n in hits or any(n.startswith(h + ".") for h in hits)} | params
 
 
 def _example(ctx: StageContext) -> Batch:
