@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,14 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------ the run
+def _student_source(work: Workload, notes: dict[str, Any]) -> Workload:
+    """After a distill stage with ``student: {model: ...}`` the artifact rebuilds that student
+    (its source), not the recipe's model; the original was measured and saved already."""
+    sources = [n["student_source"] for n in notes.values()
+               if isinstance(n, dict) and "student_source" in n]
+    return replace(work, source=sources[-1]) if sources else work
+
+
 def apply_stages(model: nn.Module, recipe: Recipe, work: Workload) -> tuple[nn.Module, dict]:
     """Run each stage's registered handler in order on a copy of the model."""
     notes: dict[str, Any] = {}
@@ -361,6 +369,7 @@ def compress(
         t0 = time.perf_counter()
         compressed_model, notes = apply_stages(work.model, recipe, work)
         stage_seconds = time.perf_counter() - t0
+        work = _student_source(work, notes)
         check_finite(compressed_model, [])
         deployed = deploy(compressed_model, example, recipe.runtime, recipe.threads,
                           scratch / "compressed.onnx")

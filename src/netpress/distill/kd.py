@@ -7,7 +7,9 @@ Recipe spelling::
 
 The stage's input model is the student (D4: after pruning or quantization it recovers from the
 original model, ``teacher: original``); with ``student: {derive: ...}`` a narrower / shallower fresh
-student is derived from it instead (D3). Pruned weights stay zero while training (``keep_sparsity``).
+student is derived from it instead, and with ``student: {model: my_student.pt2}`` your own student
+is trained (D3; the run's artifact then rebuilds that student). Pruned weights stay zero while
+training (``keep_sparsity``).
 Classification outputs use the Hinton loss; embedding outputs (task ``embedding``) use
 ``1 - cosine`` per token (or MSE). Training runs through :func:`netpress.train.fine_tune` (DDP and
 checkpoints included).
@@ -59,7 +61,8 @@ class DistillConfig(TechniqueConfig):
         features: ``[[student_layer, teacher_layer], ...]`` for ``feature_kd``.
         beta: weight of the hint (feature) loss.
         adapter: allow learned 1x1 conv / linear adapters between mismatched features.
-        student: ``{derive: {width, depth}}`` to derive a student instead of using the input model.
+        student: ``{derive: {width, depth}}`` to derive a student instead of using the input model,
+            or ``{model: zoo:NAME | path.pt2}`` to train your own (:class:`StudentConfig`).
         keep_sparsity: keep weights that are zero at the start at zero (recovery after pruning).
         data: ``train`` (the data's fine-tuning split) or ``calibration``.
         augment: input augmentation (shift / noise / mixup / affine warps of images; see
@@ -239,7 +242,13 @@ def distill_stage(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
     else:
         teacher = copy.deepcopy(model)
     student = model
-    if config.student is not None:
+    if config.student is not None and config.student.model is not None:
+        from netpress.pipeline import resolve_model
+
+        student, source = resolve_model(config.student.model)
+        ctx.report["student_source"] = source  # the artifact rebuilds this model, not the input
+        ctx.report["student_params"] = sum(p.numel() for p in student.parameters())
+    elif config.student is not None and config.student.derive is not None:
         d = config.student.derive
         student = derive_student(model, d.width, d.depth, d.seed)
         ctx.report["student_params"] = sum(p.numel() for p in student.parameters())

@@ -23,7 +23,7 @@ import math
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from netpress.core.errors import ModelError
 
@@ -49,11 +49,23 @@ class DeriveConfig(BaseModel):
 
 
 class StudentConfig(BaseModel):
-    """``student:`` block of a distill stage (only ``derive`` for recipes; Python may pass a model)."""
+    """``student:`` block of a distill stage: ``{derive: {width, depth}}`` (a narrower /
+    shallower copy of the teacher) or ``{model: my_student.pt2}`` (your own student, in the forms
+    a recipe's ``model:`` takes: ``zoo:NAME`` or a ``.pt2`` program with a dynamic batch; the
+    artifact then rebuilds that model). Python may also pass a module to :func:`distill`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    derive: DeriveConfig = Field(default_factory=DeriveConfig)
+    derive: DeriveConfig | None = None
+    model: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> StudentConfig:
+        if self.model is not None and self.derive is not None:
+            raise ValueError("give either derive or model, not both")
+        if self.model is None and self.derive is None:
+            self.derive = DeriveConfig()
+        return self
 
 
 def _repeated(layers: list[nn.Module], i: int) -> int:
