@@ -367,17 +367,26 @@ def test_pt2_layers_are_lifted_so_quantizers_find_them(model: nn.Module, x: torc
     program = load_model_file(tmp_path / "m.pt2")
     kinds = {n: type(m).__name__ for n, m in program.named_modules() if n and n != "_guards_fn"}
     assert {kinds[n] for n in ("features.0", "features.3")} == {"Conv2d"}
+    assert kinds["features.1"] == "BatchNorm2d"  # eval-mode batch_norm calls too
     assert {kinds[n] for n in ("classifier.1", "classifier.3")} == {"Linear"}
     program.eval()  # torch's program modules refuse eval(); the loaded one only sets the flag
     with torch.no_grad():
         assert torch.equal(program(x), model(x))
+    import copy
+
+    from netpress.quantize.fold import fold_batchnorm
+
+    folded = copy.deepcopy(program)
+    assert fold_batchnorm(folded) == ["features.0"]  # conv -> BN in the graph
+    assert type(folded.get_submodule("features.1")).__name__ == "Identity"
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
     report: dict = {}
     q = apply_quantize(program, {"method": "ptq"}, data=(x,), report=report)
-    assert report["ptq"]["quantized"] == ["classifier.1", "classifier.3", "features.3"]
-    # the conv feeding a BatchNorm (an aten op in the program, fused by the ONNX export) stays
-    # float, and both reports say so
-    assert "features.0" in report["ptq"]["kept_float"]
-    assert report["float_layers"] == {"features.0": "Conv2d"}
+    assert report["ptq"]["quantized"] == ["classifier.1", "classifier.3", "features.0",
+                                          "features.3"]
+    assert report["ptq"]["folded_bn"] == ["features.0"]  # conv -> BN folded in the graph
+    assert report["float_layers"] == {}
     save_artifact(q, tmp_path / "q", source={"kind": "export"}, recipe={})
     with torch.no_grad():
         assert torch.allclose(load(tmp_path / "q")(x), q(x), atol=1e-5)

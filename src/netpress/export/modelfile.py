@@ -148,19 +148,44 @@ def _no_pickle() -> Iterator[None]:
             torch.load, _package.pickle, torch._C._pickle_load_obj = saved
 
 
-def _lifted(node: Any, module: nn.Module) -> nn.Module | None:
-    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` an aten call stands for, sharing the
-    program's parameters (``None``: not one of those calls, or arguments that are not plain)."""
+def _attr(module: nn.Module, node: Any) -> torch.Tensor | None:
+    """The parameter / buffer a ``get_attr`` node reads (``None`` for anything else)."""
+    if getattr(node, "op", None) != "get_attr":
+        return None
+    try:
+        return module.get_parameter(node.target)
+    except AttributeError:
+        try:
+            return module.get_buffer(node.target)
+        except AttributeError:
+            return None
+
+
+def _lifted(node: Any, module: nn.Module) -> tuple[nn.Module, list[Any]] | None:
+    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``
+    an aten call stands for, sharing the program's tensors, and the ``get_attr`` nodes it
+    consumes (``None``: another call, a compressed model's codes, or non-plain arguments)."""
     aten = torch.ops.aten
     args = list(node.args)
-    if len(args) < 2 or node.kwargs or any(getattr(a, "op", "get_attr") != "get_attr"
-                                           for a in args[1:3] if a is not None):
+    if node.kwargs or len(args) < 2:
         return None
-    try:  # buffers (a compressed model's codes) and constants are not lifted
-        w = module.get_parameter(args[1].target)
-        b = module.get_parameter(args[2].target) if len(args) > 2 and args[2] is not None else None
-    except AttributeError:
-        return None
+    if node.target == aten.batch_norm.default and len(args) >= 8 and args[5] is False:
+        attrs = args[1:5]  # weight, bias, running_mean, running_var
+        ts = [_attr(module, a) for a in attrs]
+        val = node.meta.get("val")
+        if any(t is None for t in ts) or not isinstance(ts[0], nn.Parameter) or not isinstance(
+                val, torch.Tensor) or val.dim() not in (2, 3, 4):
+            return None
+        bn: nn.Module = (nn.BatchNorm2d if val.dim() == 4 else nn.BatchNorm1d)(
+            ts[0].numel(), eps=float(args[7]), momentum=float(args[6]))
+        bn.weight, bn.bias = ts[0], ts[1]
+        bn.running_mean, bn.running_var = ts[2], ts[3]
+        return bn, attrs
+    attrs = [a for a in args[1:3] if a is not None]
+    ts = [_attr(module, a) for a in attrs]
+    if any(not isinstance(t, nn.Parameter) for t in ts):
+        return None  # buffers (a compressed model's codes) and constants are not lifted
+    w, b = ts[0], (ts[1] if len(ts) > 1 else None)
     if node.target == aten.linear.default and w.dim() == 2:
         layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     elif node.target in (aten.conv1d.default, aten.conv2d.default) and w.dim() in (3, 4):
@@ -174,17 +199,18 @@ def _lifted(node: Any, module: nn.Module) -> nn.Module | None:
     layer.weight = w
     if b is not None:
         layer.bias = b
-    return layer
+    return layer, attrs
 
 
 def lift_layers(module: nn.Module) -> list[str]:
-    """Turn a program module's ``aten.linear`` / ``aten.conv1d`` / ``aten.conv2d`` calls back into
-    ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` submodules (same parameters, same names), so
-    every technique that finds or swaps layers by type works on a ``.pt2`` model.
+    """Turn a program module's ``aten.linear`` / ``conv1d`` / ``conv2d`` / eval-mode
+    ``batch_norm`` calls back into ``nn.Linear`` / ``Conv1d`` / ``Conv2d`` / ``BatchNorm1d`` /
+    ``BatchNorm2d`` submodules (same tensors, same names), so every technique that finds or swaps
+    layers by type (or folds a conv's BatchNorm) works on a ``.pt2`` model.
 
-    A call is lifted when its weight (and bias) are the program's own parameters held by one
-    submodule that nothing else uses; the submodule takes the weight's name (``fc1.weight`` ->
-    ``fc1``). Returns the lifted names.
+    A call is lifted when its tensors are the program's own, held by one submodule that holds
+    nothing else and that nothing else reads; the layer takes that submodule's name
+    (``fc1.weight`` -> ``fc1``). Returns the lifted names.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -200,15 +226,21 @@ def lift_layers(module: nn.Module) -> list[str]:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        layer = _lifted(node, module)
-        if layer is None:
+        found = _lifted(node, module)
+        if found is None:
             continue
-        owner = node.args[1].target.rpartition(".")[0]
+        layer, attrs = found
+        owner = attrs[0].target.rpartition(".")[0]
         holder = module.get_submodule(owner) if owner else None
-        attrs = [a for a in node.args[1:3] if a is not None]
-        if (not owner or any(len(a.users) != 1 for a in attrs) or list(holder.children())
-                or len(list(holder.parameters())) != len(attrs) or list(holder.buffers())):
+        held = {n for n, _ in holder.named_parameters()} | {
+            n for n, _ in holder.named_buffers()} - {"num_batches_tracked"} if owner else set()
+        if (not owner or any(len(a.users) != 1 or a.target.rpartition(".")[0] != owner
+                             for a in attrs) or list(holder.children())
+                or held != {a.target.rpartition(".")[2] for a in attrs}):
             continue
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and hasattr(
+                holder, "num_batches_tracked"):
+            layer.num_batches_tracked = holder.num_batches_tracked
         parent, _, child = owner.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, layer)
         with graph.inserting_before(node):
@@ -219,6 +251,10 @@ def lift_layers(module: nn.Module) -> list[str]:
         for a in attrs:
             graph.erase_node(a)
         done.append(owner)
+    lifted = set(done)
+    for node in list(graph.nodes):  # e.g. an unused num_batches_tracked read of a lifted BN
+        if node.op == "get_attr" and not node.users and node.target.rpartition(".")[0] in lifted:
+            graph.erase_node(node)
     if done:
         module.recompile()
     return done
@@ -262,6 +298,7 @@ def load_program(source: Path | bytes, where: str = "program.pt2") -> nn.Module:
     module.train = types.MethodType(_set_training, module)  # type: ignore[method-assign]
     module.eval = types.MethodType(_set_eval, module)  # type: ignore[method-assign]
     lift_layers(module)
+    module.eval()  # the program was traced in eval mode: lifted BatchNorms use running stats
     example, meta = getattr(program, "example_inputs", None), getattr(module, "meta", None)
     if example is not None and isinstance(meta, dict):
         # GraphModule.meta survives deepcopy (a plain attribute would not)

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from netpress.core.errors import DataError, ModelError
+from netpress.quantize.fold import fold_batchnorm  # re-exported: the one folding routine
 
 WEIGHT_MODES = ("int", "binary", "binaryconnect", "ternary")
 ACT_MODES = ("int", "sign", "step")
@@ -296,46 +297,6 @@ def check_weight(module: nn.Module, name: str) -> None:
         raise ModelError(name, got=f"{bad} NaN/Inf values in its weight {tuple(w.shape)}",
                          expected="finite weights",
                          fix="fix the checkpoint, or add the layer to `ignore` to keep it float")
-
-
-def fold_batchnorm(model: nn.Module) -> list[str]:
-    """Fold every ``BatchNorm1d/2d`` that directly follows a Conv in a ``Sequential`` into it.
-
-    ``w' = w · γ / sqrt(var + ε)``, ``b' = (b - μ) · γ / sqrt(var + ε) + β``; the BN becomes
-    ``nn.Identity``. Works in place (eval-mode statistics).
-
-    Returns:
-        The names of the folded convs.
-
-    Example:
-        >>> import torch, torch.nn as nn
-        >>> m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3)).eval()
-        >>> _ = m[1].running_mean.fill_(0.5); x = torch.randn(1, 2, 8); ref = m(x)
-        >>> fold_batchnorm(m), bool(torch.allclose(m(x), ref, atol=1e-6))
-        (['0'], True)
-    """
-    folded = []
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        kids = list(parent.named_children())
-        for (cname, conv), (bname, bn) in zip(kids, kids[1:], strict=False):
-            if not (isinstance(conv, (nn.Conv1d, nn.Conv2d)) and
-                    isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and
-                    bn.num_features == conv.out_channels and bn.track_running_stats):
-                continue
-            with torch.no_grad():
-                inv = torch.rsqrt(bn.running_var + bn.eps)  # (O,)
-                gamma = bn.weight if bn.affine else torch.ones_like(inv)
-                beta = bn.bias if bn.affine else torch.zeros_like(inv)
-                factor = gamma * inv  # (O,)
-                conv.weight.mul_(_channel_view(factor, conv.weight))
-                b = conv.bias if conv.bias is not None else torch.zeros_like(inv)
-                new_bias = (b - bn.running_mean) * factor + beta
-                conv.bias = nn.Parameter(new_bias.clone())
-            setattr(parent, bname, nn.Identity())
-            folded.append(f"{parent_name}.{cname}" if parent_name else cname)
-    return folded
 
 
 __all__ = ["ACT_MODES", "ActFakeQuant", "QATWrapper", "SUPPORTED", "WEIGHT_MODES",

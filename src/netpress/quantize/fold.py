@@ -10,7 +10,9 @@ running statistics), the folded conv has, per output channel ``o``::
 The BN module is replaced by ``nn.Identity`` (so module names and the artifact layout stay stable).
 Pairs are found inside ``nn.Sequential`` containers (torchvision's ``Conv2dNormActivation``,
 ``InvertedResidual.conv``, plain ``Sequential`` CNNs): a ``Conv1d``/``Conv2d`` directly followed by
-a ``BatchNorm1d``/``BatchNorm2d`` of the same width.
+a ``BatchNorm1d``/``BatchNorm2d`` of the same width (with running statistics); and in the graph of
+a loaded ``.pt2`` program, a conv whose only user is such a BatchNorm (ResNet's ``conv1 -> bn1``).
+This is the one folding routine (PTQ, QAT, binary / ternary, weight sharing, int8 weights).
 
 Example:
     >>> import torch, torch.nn as nn
@@ -59,8 +61,15 @@ def fold_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: nn.BatchNorm1d | nn.BatchNorm2
         conv.bias.copy_(new_bias)
 
 
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (isinstance(conv, _CONVS) and isinstance(bn, _BNS) and bn.track_running_stats
+            and bn.num_features == conv.out_channels
+            and getattr(conv, "padding_mode", "zeros") == "zeros")  # others stay float anyway
+
+
 def fold_batchnorm(model: nn.Module) -> list[str]:
-    """Fold every ``Conv -> BatchNorm`` pair inside ``nn.Sequential`` containers, in place.
+    """Fold every ``Conv -> BatchNorm`` pair, in place: adjacent in an ``nn.Sequential``, or a
+    conv whose only user is a BatchNorm in an ``fx`` graph (a loaded ``.pt2`` program).
 
     Args:
         model: the float model (put in eval mode; BN uses its running statistics).
@@ -76,12 +85,34 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
         names = list(seq._modules)
         for a, b in zip(names, names[1:], strict=False):
             conv, bn = seq._modules[a], seq._modules[b]
-            if (isinstance(conv, _CONVS) and isinstance(bn, _BNS)
-                    and bn.num_features == conv.out_channels
-                    and getattr(conv, "padding_mode", "zeros") == "zeros"):
+            if _foldable(conv, bn):
                 fold_conv_bn(conv, bn)
                 seq._modules[b] = nn.Identity()
                 folded.append(f"{prefix}.{a}" if prefix else a)
+    return folded + _fold_graph(model)
+
+
+def _fold_graph(model: nn.Module) -> list[str]:
+    """The ``fx`` graph case of :func:`fold_batchnorm` (the BN node is dropped from the graph and
+    its module becomes ``nn.Identity``, so names and the artifact layout stay stable)."""
+    graph = getattr(model, "graph", None)
+    folded: list[str] = []
+    for node in list(graph.nodes) if graph is not None and hasattr(model, "recompile") else []:
+        users = list(node.users)
+        if node.op != "call_module" or len(users) != 1 or users[0].op != "call_module" \
+                or users[0].args[:1] != (node,) or len(users[0].args) != 1:
+            continue
+        conv, bn = model.get_submodule(node.target), model.get_submodule(users[0].target)
+        if not _foldable(conv, bn):
+            continue
+        fold_conv_bn(conv, bn)
+        parent, _, child = users[0].target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        users[0].replace_all_uses_with(node)
+        graph.erase_node(users[0])
+        folded.append(node.target)
+    if folded:
+        model.recompile()
     return folded
 
 

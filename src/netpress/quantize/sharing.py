@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn as nn
 from pydantic import Field
 
 from netpress.core.config import StageContext, TechniqueConfig, register
 from netpress.core.targeting import select
 from netpress.nn.shared import SharedConv, SharedLinear
+from netpress.quantize.fold import fold_batchnorm  # re-exported: the one folding routine
 
 _TARGETS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -51,36 +51,6 @@ class WeightSharingConfig(TechniqueConfig):
     fold_bn: bool = True
     targets: list[str] | None = None
     ignore: list[str] = Field(default_factory=list)
-
-
-def fold_batchnorm(model: nn.Module) -> list[str]:
-    """Fold every ``BatchNorm`` that directly follows a conv in an ``nn.Sequential`` (eval stats).
-
-    Returns:
-        The folded BN module names (each replaced by ``nn.Identity``).
-    """
-    folded = []
-    for pname, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
-            continue
-        keys = list(parent._modules)
-        for a, b in zip(keys, keys[1:], strict=False):
-            conv, bn = parent._modules[a], parent._modules[b]
-            if not (isinstance(conv, (nn.Conv1d, nn.Conv2d)) and
-                    isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.track_running_stats
-                    and bn.num_features == conv.out_channels):
-                continue
-            with torch.no_grad():
-                scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
-                    bn.running_var + bn.eps)  # (O,)
-                shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-                new_bias = (bias - bn.running_mean) * scale + shift  # (O,)
-                conv.bias = nn.Parameter(new_bias.detach().clone())
-            parent._modules[b] = nn.Identity()
-            folded.append(f"{pname}.{b}" if pname else b)
-    return folded
 
 
 @register("quantize", "weight_sharing", WeightSharingConfig,
