@@ -166,7 +166,8 @@ def quality(
         secondary["top1_agreement"] = compute_metric("top1_agreement", outputs, work.evaluation, ref)
         secondary["kl"] = compute_metric("kl", outputs, work.evaluation, ref)
         value, count = confident_agreement(outputs, ref, threshold=0.5)
-        secondary["top1_agreement_confident"] = value
+        if count:  # undefined (nan) when the reference is confident on no example
+            secondary["top1_agreement_confident"] = value
         secondary["confident_count"] = float(count)
         if work.evaluation[0].target is not None:
             secondary["accuracy"] = compute_metric("accuracy", outputs, work.evaluation, ref)
