@@ -106,10 +106,12 @@ def check_layer(name: str, module: nn.Linear, bits: int, group_size: int) -> Non
     """Raise a :class:`RecipeError` naming ``name`` when its shape cannot take ``group_size``."""
     k = module.in_features
     if k % group_size:
-        divisors = [d for d in (256, 128, 64, 32, 16) if k % d == 0][:3] or [k]
+        divisors = [d for d in (256, 128, 64, 32, 16, 8) if k % d == 0][:3] or (
+            [k] if k >= 8 else [])  # group_size >= 8: a narrower layer can only be ignored
+        use = f"use group_size {' or '.join(map(str, divisors))}, or " if divisors else ""
         raise RecipeError(f"quantize layer {name}", got=f"group_size {group_size} for "
                           f"in_features {k}", expected=f"a group size that divides {k}",
-                          fix=f"use group_size {' or '.join(map(str, divisors))}, or add "
+                          fix=f"{use}add "
                           f"{name!r} to `ignore`")
     check_finite(module.weight, f"quantize layer {name} (weight)")
 
