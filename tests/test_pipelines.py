@@ -228,8 +228,10 @@ def test_recipe_distills_into_a_student_the_user_gives(tmp_path):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(back(x), result.model(x))
-    with pytest.raises(RecipeError, match="either derive or model"):
+    with pytest.raises(RecipeError, match="Fix: give either derive or model"):
         parse_config("distill", {"method": "kd", "student": {"model": "s.pt2", "derive": {}}})
+    with pytest.raises(RecipeError, match="Fix: no file 'nope.pt2': give a .pt2 program or zoo:NAME"):
+        parse_config("distill", {"method": "kd", "student": {"model": "nope.pt2"}})
 
 
 def test_bench_distill_helpers():

@@ -157,6 +157,9 @@ def validation_to_recipe_error(exc: ValidationError, where: str) -> RecipeError:
         )
     if kind == "missing":
         return RecipeError(path, got="nothing", expected="a value", fix="add this required key")
+    if kind == "value_error":  # netpress's own validators: their text, as written
+        text = err["msg"].removeprefix("Value error, ")
+        return RecipeError(path, got=err.get("input"), expected="a consistent value", fix=text)
     return RecipeError(path, got=err.get("input"), expected=err["msg"].lower(),
                        fix=_fix_for(kind, err.get("ctx") or {}, path))
 

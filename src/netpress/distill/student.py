@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -65,6 +66,9 @@ class StudentConfig(BaseModel):
             raise ValueError("give either derive or model, not both")
         if self.model is None and self.derive is None:
             self.derive = DeriveConfig()
+        if self.model is not None and not self.model.startswith("zoo:") and not Path(
+                self.model).is_file():  # checked with the recipe, not after measuring the original
+            raise ValueError(f"no file {self.model!r}: give a .pt2 program or zoo:NAME")
         return self
 
 
