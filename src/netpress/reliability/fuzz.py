@@ -187,7 +187,7 @@ def malformed_recipes() -> Any:
             st.text(max_size=5))),
         st.builds(lambda v: Malformed("out-of-range bits", "bits", with_stage(
             1, {"quantize": {"method": "int8_weight", "bits": v}})), st.one_of(
-            st.integers(max_value=1), st.integers(min_value=9), st.floats(), st.booleans())),
+            st.integers(max_value=1), st.integers(min_value=17), st.floats(), st.booleans())),
         st.builds(lambda d, as_dict, where: Malformed(
             "deep nesting", where, _place(base, where, _deep(d, as_dict=as_dict))),
             st.integers(2, 150), st.booleans(),
