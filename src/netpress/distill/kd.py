@@ -221,6 +221,22 @@ def _distill(student: nn.Module, teacher: nn.Module, batches: list[Batch], confi
     return student.eval(), result
 
 
+def stage_teacher(kind: str, model: nn.Module, ctx: StageContext, where: str, fix: str
+                  ) -> nn.Module:
+    """The teacher a stage names: ``original`` (the run's uncompressed model, ``ctx.original``)
+    or ``input`` (a copy of the model the stage received). Shared by ``distill`` and QAT's
+    ``distill`` block.
+
+    Raises:
+        RecipeError: ``original`` where the run has no original model (``where`` / ``fix``).
+    """
+    if kind == "input":
+        return copy.deepcopy(model)
+    if ctx.original is None:
+        raise RecipeError(where, got="original", expected="a run with an original model", fix=fix)
+    return ctx.original
+
+
 @register("distill", "kd", DistillConfig, summary="response KD: (1-a)*CE + a*T^2*KL(p_t(T)||p_s(T)) "
           "from the original model (or cosine for embeddings); D4 recovery or a derived student")
 @register("distill", "feature_kd", DistillConfig,
@@ -234,13 +250,8 @@ def distill_stage(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
     if not data:
         raise DataError("distill stage", got="no training data", expected="fine-tuning batches",
                         fix="use a zoo data set with a train split, or pass data")
-    if config.teacher == "original":
-        if ctx.original is None:
-            raise RecipeError("distill.teacher", got="original", expected="a run with an original "
-                              "model", fix="use teacher: input, or the Python API distill()")
-        teacher = ctx.original
-    else:
-        teacher = copy.deepcopy(model)
+    teacher = stage_teacher(config.teacher, model, ctx, "distill.teacher",
+                            fix="use teacher: input, or the Python API distill()")
     student = model
     if config.student is not None and config.student.model is not None:
         from netpress.pipeline import resolve_model
@@ -257,4 +268,4 @@ def distill_stage(model: nn.Module, config: TechniqueConfig, ctx: StageContext) 
     return student
 
 
-__all__ = ["DistillConfig", "distill", "distill_stage"]
+__all__ = ["DistillConfig", "distill", "distill_stage", "stage_teacher"]

@@ -231,18 +231,17 @@ def lift_layers(module: nn.Module) -> list[str]:
             continue
         layer, attrs = found
         owner = attrs[0].target.rpartition(".")[0]
-        holder = module.get_submodule(owner) if owner else None
-        held = {n for n, _ in holder.named_parameters()} | {
-            n for n, _ in holder.named_buffers()} - {"num_batches_tracked"} if owner else set()
-        if (not owner or any(len(a.users) != 1 or a.target.rpartition(".")[0] != owner
-                             for a in attrs) or list(holder.children())
-                or held != {a.target.rpartition(".")[2] for a in attrs}):
+        if not owner or any(len(a.users) != 1 or a.target.rpartition(".")[0] != owner
+                            for a in attrs):
             continue
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and hasattr(
-                holder, "num_batches_tracked"):
+        holder = module.get_submodule(owner)
+        held = {n for n, _ in holder.named_parameters()} | {n for n, _ in holder.named_buffers()}
+        if list(holder.children()) or held - {"num_batches_tracked"} != {
+                a.target.rpartition(".")[2] for a in attrs}:
+            continue  # the holder has more than this call reads
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and "num_batches_tracked" in held:
             layer.num_batches_tracked = holder.num_batches_tracked
-        parent, _, child = owner.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, layer)
+        module.set_submodule(owner, layer)
         with graph.inserting_before(node):
             new = graph.call_module(owner, (node.args[0],))
         new.meta = dict(node.meta)

@@ -106,8 +106,7 @@ def _fold_graph(model: nn.Module) -> list[str]:
         if not _foldable(conv, bn):
             continue
         fold_conv_bn(conv, bn)
-        parent, _, child = users[0].target.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        model.set_submodule(users[0].target, nn.Identity())
         users[0].replace_all_uses_with(node)
         graph.erase_node(users[0])
         folded.append(node.target)

@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -269,13 +268,10 @@ def qat_teacher(model: nn.Module, distill: QATDistill | None, ctx: StageContext)
     """
     if distill is None:
         return None
-    if distill.teacher == "input":
-        return copy.deepcopy(model).eval()
-    if ctx.original is None:
-        raise RecipeError("quantize.distill.teacher", got="original",
-                          expected="a run with an original model",
-                          fix="use distill: {teacher: input}, or netpress.api.apply / compress")
-    return ctx.original
+    from netpress.distill.kd import stage_teacher  # netpress.distill imports this package
+
+    return stage_teacher(distill.teacher, model, ctx, "quantize.distill.teacher",
+                         fix="use distill: {teacher: input}, or netpress.api.apply / compress")
 
 
 def convert(model: nn.Module, wrappers: list[QATWrapper],
